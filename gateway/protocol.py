@@ -1,0 +1,611 @@
+"""Sans-IO FreeSWITCH Event Socket (ESL) protocol: bytes in, frames out; commands in, bytes out.
+
+Nothing here touches a socket or gevent, so the same code serves the worker's sessions, the
+FreeSWITCH simulator and the tests, and it can be fed with any chunking or fuzzed.
+
+Framing (both directions): a header block ends at the first blank line; if it carries
+``Content-Length: N``, exactly N body bytes follow. Rules that naive parsers get wrong and that
+this module exists to get right (see docs/esl-protocol.md §3, §4, §9 and §13):
+
+* the connect reply is a serialised CHANNEL_DATA event: ``Content-Type`` is not the first header,
+  there is no Content-Length, and every value is url-encoded (``Reply-Text: %2BOK%0A``);
+* header blocks are split into lines first, then each line on its first ``": "``, and only then is
+  each value url-decoded, so an encoded ``%0A`` in a caller-controlled value can never forge a header;
+* bodies stay bytes and are cut by Content-Length before any decoding; text decoding never raises;
+* a frame larger than the configured limit is a ``ProtocolError`` for that connection only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Iterable, Iterator, Mapping
+from urllib.parse import unquote
+from xml.etree import ElementTree
+
+DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
+ARRAY_PREFIX = "ARRAY::"
+
+CONTENT_COMMAND_REPLY = "command/reply"
+CONTENT_API_RESPONSE = "api/response"
+CONTENT_DISCONNECT_NOTICE = "text/disconnect-notice"
+CONTENT_LOG = "log/data"
+EVENT_CONTENT_TYPES = ("text/event-plain", "text/event-json", "text/event-xml")
+EVENT_FORMATS = ("plain", "json", "xml")
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that cannot be ESL; the connection that carried them must be closed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Header blocks
+# --------------------------------------------------------------------------------------------
+
+class Headers(Mapping):
+    """Ordered, case-insensitive header map whose values are url-decoded lazily, on lookup.
+
+    FreeSWITCH looks headers up case-insensitively, so we do too. Decoding on lookup keeps the
+    hot path cheap: a worker only ever reads a handful of the ~100 headers an event carries.
+    ``ARRAY::a|:b`` values come back as lists, as the reference C client splits them.
+    """
+
+    __slots__ = ("_raw", "_encoded")
+
+    def __init__(self, pairs: Iterable[tuple[str, object]] = (), encoded: bool = False):
+        # lower-case name -> (name as sent, raw value); the last duplicate wins, like FreeSWITCH.
+        self._raw: dict[str, tuple[str, object]] = {}
+        self._encoded = encoded
+        for name, value in pairs:
+            self._raw[name.lower()] = (name, value)
+
+    def __getitem__(self, name: str):
+        return self._decode(self._raw[name.lower()][1])
+
+    def get(self, name: str, default=None):
+        item = self._raw.get(name.lower())
+        return default if item is None else self._decode(item[1])
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and name.lower() in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._raw.values())
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def raw(self, name: str, default=None):
+        """The value exactly as it was on the wire (still url-encoded where it was)."""
+        item = self._raw.get(name.lower())
+        return default if item is None else item[1]
+
+    def _decode(self, value):
+        if isinstance(value, str):
+            if self._encoded and "%" in value:
+                value = unquote(value, errors="replace")
+            if value.startswith(ARRAY_PREFIX):
+                return value[len(ARRAY_PREFIX):].split("|:")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Headers({dict(self.items())!r})"
+
+
+def _split_header_block(block: bytes) -> list[tuple[str, str]]:
+    """Split a header block into (name, value) pairs; values stay exactly as on the wire.
+
+    A line without ``": "`` is a continuation of the previous value: FreeSWITCH inserts some
+    values raw (``getvar`` replies), and a newline inside one must not be lost or become a header.
+    """
+    text = block.decode("utf-8", "replace")
+    if "\r" in text:
+        text = text.replace("\r", "")
+    pairs: list[tuple[str, str]] = []
+    for line in text.split("\n"):
+        name, sep, value = line.partition(": ")
+        if sep:
+            pairs.append((name, value))
+        elif line.endswith(":") and line.count(":") == 1:
+            pairs.append((line[:-1], ""))
+        elif pairs:
+            last_name, last_value = pairs[-1]
+            pairs[-1] = (last_name, last_value + "\n" + line)
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Frames from FreeSWITCH
+# --------------------------------------------------------------------------------------------
+
+class Frame:
+    """One frame from FreeSWITCH: outer headers and an optional raw body."""
+
+    __slots__ = ("headers", "body")
+
+    def __init__(self, headers: Headers, body: bytes | None):
+        self.headers = headers
+        self.body = body
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get("Content-Type")
+
+    @property
+    def is_reply(self) -> bool:
+        """A frame that answers a command (and so takes one slot of the FIFO of pending commands)."""
+        return self.content_type in (CONTENT_COMMAND_REPLY, CONTENT_API_RESPONSE)
+
+    @property
+    def reply_text(self) -> str:
+        return self.headers.get("Reply-Text", "") or ""
+
+    def body_text(self) -> str:
+        return (self.body or b"").decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        size = None if self.body is None else len(self.body)
+        return f"<Frame {self.content_type} body={size}>"
+
+
+_BLOCK_END_CR = re.compile(rb"\n\r*\n")
+
+
+class _Framer:
+    """Cuts a byte stream into (header lines, body) pairs, enforcing a size limit.
+
+    Shared by both directions, since FreeSWITCH frames and our commands are framed alike. A block
+    ends at two newlines in a row, ignoring any ``\r`` between them (FreeSWITCH's own rule).
+    """
+
+    def __init__(self, max_frame_size: int, split_block):
+        self.max_frame_size = max_frame_size
+        self._split_block = split_block
+        self._buf = bytearray()
+        self._scan_from = 0          # the block end cannot start before this offset
+        self._pending = None         # parsed header block waiting for its body
+        self._body_len = 0
+
+    @property
+    def mid_frame(self) -> bool:
+        """True while part of a frame is buffered (EOF now would cut it)."""
+        return bool(self._buf.strip(b"\r\n")) or self._pending is not None
+
+    def feed(self, data: bytes) -> list:
+        buf = self._buf
+        buf += data
+        out = []
+        while True:
+            if self._pending is None:
+                if buf[:1] in (b"\n", b"\r"):
+                    # Blank lines between blocks are noise (FreeSWITCH discards them too).
+                    del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
+                    self._scan_from = 0
+                start, stop = self._find_block_end(buf)
+                if start < 0:
+                    if len(buf) > self.max_frame_size:
+                        raise ProtocolError(
+                            f"header block exceeds {self.max_frame_size} bytes without ending")
+                    self._scan_from = max(buf.rfind(b"\n"), 0)
+                    return out
+                block = bytes(buf[:start])
+                del buf[:stop]
+                self._scan_from = 0
+                parsed = self._split_block(block)
+                length = _content_length(parsed[-1], self.max_frame_size)
+                if length is None:
+                    out.append((parsed, None))
+                    continue
+                self._pending, self._body_len = parsed, length
+            if len(buf) < self._body_len:
+                return out
+            body = bytes(buf[:self._body_len])
+            del buf[:self._body_len]
+            out.append((self._pending, body))
+            self._pending = None
+
+    def _find_block_end(self, buf: bytearray) -> tuple[int, int]:
+        end = buf.find(b"\n\n", self._scan_from)
+        if b"\r" not in buf:
+            return end, end + 2
+        match = _BLOCK_END_CR.search(buf, self._scan_from)
+        return (match.start(), match.end()) if match else (-1, -1)
+
+
+def _content_length(pairs: list[tuple[str, str]], limit: int) -> int | None:
+    for name, value in pairs:
+        if name.lower() == "content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                raise ProtocolError(f"invalid Content-Length {value[:40]!r}") from None
+            if length < 0:
+                raise ProtocolError(f"negative Content-Length {length}")
+            if length > limit:
+                raise ProtocolError(f"Content-Length {length} exceeds the {limit}-byte limit")
+            return length
+    return None
+
+
+class Parser:
+    """FreeSWITCH → us: feed bytes, get complete ``Frame`` objects.
+
+    The connect reply is recognised by its ``Event-Name`` header (it is a serialised CHANNEL_DATA
+    event) and is the only outer block whose values are url-decoded; FreeSWITCH writes the other
+    frames' outer values raw.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+        self._framer = _Framer(max_frame_size, lambda block: (_split_header_block(block),))
+
+    @property
+    def mid_frame(self) -> bool:
+        return self._framer.mid_frame
+
+    def feed(self, data: bytes) -> list[Frame]:
+        frames = []
+        for (pairs,), body in self._framer.feed(data):
+            encoded = body is None and any(name == "Event-Name" for name, _ in pairs)
+            frames.append(Frame(Headers(pairs, encoded=encoded), body))
+        return frames
+
+
+# --------------------------------------------------------------------------------------------
+# Events (the body of text/event-* frames, and the connect reply)
+# --------------------------------------------------------------------------------------------
+
+class Event:
+    """A FreeSWITCH event, whatever format it came in: name, case-insensitive headers, raw body."""
+
+    __slots__ = ("headers", "body")
+
+    def __init__(self, headers: Headers, body: bytes = b""):
+        self.headers = headers
+        self.body = body
+
+    @property
+    def name(self) -> str | None:
+        return self.headers.get("Event-Name")
+
+    @property
+    def subclass(self) -> str | None:
+        return self.headers.get("Event-Subclass")
+
+    @property
+    def unique_id(self) -> str | None:
+        return self.headers.get("Unique-ID")
+
+    def __getitem__(self, name: str):
+        return self.headers[name]
+
+    def get(self, name: str, default=None):
+        return self.headers.get(name, default)
+
+    def __contains__(self, name) -> bool:
+        return name in self.headers
+
+    def body_text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        return f"<Event {self.name} {self.unique_id}>"
+
+
+def parse_event(frame: Frame) -> Event:
+    """Turn a text/event-plain|json|xml frame (or the connect reply) into an ``Event``."""
+    content_type = frame.content_type
+    body = frame.body or b""
+    if content_type == "text/event-plain":
+        return _parse_plain_event(body)
+    if content_type == "text/event-json":
+        return _parse_json_event(body)
+    if content_type == "text/event-xml":
+        return _parse_xml_event(body)
+    if frame.body is None and "Event-Name" in frame.headers:
+        return Event(frame.headers)
+    raise ProtocolError(f"frame of type {content_type!r} is not an event")
+
+
+def _parse_plain_event(data: bytes) -> Event:
+    end = data.find(b"\n\n")
+    block, rest = (data, b"") if end < 0 else (data[:end], data[end + 2:])
+    pairs = _split_header_block(block)
+    body = b""
+    for name, value in pairs:
+        if name.lower() == "content-length":
+            try:
+                body = rest[:int(value)]
+            except ValueError:
+                raise ProtocolError(f"invalid inner Content-Length {value[:40]!r}") from None
+    return Event(Headers(pairs, encoded=True), body)
+
+
+def _parse_json_event(data: bytes) -> Event:
+    try:
+        obj = json.loads(data.decode("utf-8", "replace"))
+    except ValueError as exc:
+        raise ProtocolError(f"malformed JSON event: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("JSON event is not an object")
+    body = obj.pop("_body", "")
+    body = body.encode("utf-8") if isinstance(body, str) else b""
+    return Event(Headers(obj.items(), encoded=False), body)
+
+
+def _parse_xml_event(data: bytes) -> Event:
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError as exc:
+        raise ProtocolError(f"malformed XML event: {exc}") from None
+    headers = root.find("headers")
+    pairs = [] if headers is None else [(el.tag, el.text or "") for el in headers]
+    body_el = root.find("body")
+    body = b"" if body_el is None or body_el.text is None else body_el.text.encode("utf-8")
+    return Event(Headers(pairs, encoded=True), body)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands (us → FreeSWITCH)
+# --------------------------------------------------------------------------------------------
+
+_FORBIDDEN_IN_LINE = re.compile(r"[\r\n]")
+
+
+def _check_line(what: str, text: str) -> str:
+    if _FORBIDDEN_IN_LINE.search(text):
+        raise ValueError(f"{what} must not contain a newline: {text[:60]!r}")
+    return text
+
+
+def command(line: str, headers: Iterable[tuple[str, str]] = (), body: bytes | str | None = None
+            ) -> bytes:
+    """Serialise one command: the command line, ``Name: value`` headers, optional body.
+
+    FreeSWITCH does not url-decode what we send, so a newline can only travel in a body; one in
+    the command line or a header value would end the block early and inject a second command.
+    """
+    parts = [_check_line("command", line)]
+    for name, value in headers:
+        parts.append(f"{_check_line('header name', name)}: {_check_line(name, str(value))}")
+    if body is not None:
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        parts.append(f"Content-Length: {len(data)}")
+        return ("\n".join(parts) + "\n\n").encode("utf-8") + data
+    return ("\n".join(parts) + "\n\n").encode("utf-8")
+
+
+def connect() -> bytes:
+    return b"connect\n\n"
+
+
+def myevents(fmt: str = "plain") -> bytes:
+    return command("myevents" if fmt == "plain" else f"myevents {_event_format(fmt)}")
+
+
+def event(fmt: str, names: Iterable[str]) -> bytes:
+    return command(" ".join(["event", _event_format(fmt), *names]))
+
+
+def nixevent(names: Iterable[str]) -> bytes:
+    return command(" ".join(["nixevent", *names]))
+
+
+def noevents() -> bytes:
+    return b"noevents\n\n"
+
+
+def filter_add(header: str, value: str) -> bytes:
+    return command(f"filter {header} {value}")
+
+
+def filter_delete(header: str, value: str | None = None) -> bytes:
+    return command(f"filter delete {header}" + ("" if value is None else f" {value}"))
+
+
+def linger(seconds: int | None = None) -> bytes:
+    """``linger`` alone lingers for ever inside FreeSWITCH; callers should pass a finite time."""
+    return command("linger" if seconds is None else f"linger {int(seconds)}")
+
+
+def nolinger() -> bytes:
+    return b"nolinger\n\n"
+
+
+def exit_() -> bytes:
+    return b"exit\n\n"
+
+
+def resume() -> bytes:
+    return b"resume\n\n"
+
+
+def getvar(name: str) -> bytes:
+    return command(f"getvar {name}")
+
+
+def divert_events(on: bool) -> bytes:
+    return command("divert_events on" if on else "divert_events off")
+
+
+def log(level: str | int) -> bytes:
+    return command(f"log {level}")
+
+
+def nolog() -> bytes:
+    return b"nolog\n\n"
+
+
+def api(cmd: str) -> bytes:
+    return command(f"api {cmd}")
+
+
+def bgapi(cmd: str, job_uuid: str) -> bytes:
+    return command(f"bgapi {cmd}", [("Job-UUID", job_uuid)])
+
+
+def sendmsg(headers: Iterable[tuple[str, str]], uuid: str | None = None,
+            body: bytes | str | None = None) -> bytes:
+    line = "sendmsg" if uuid is None else f"sendmsg {uuid}"
+    if body is not None:
+        headers = [*headers, ("Content-Type", "text/plain")]
+    return command(line, headers, body)
+
+
+def execute(app: str, arg: str | None = None, *, event_uuid: str | None = None,
+            loops: int | None = None, event_lock: bool = False, async_: bool = False,
+            uuid: str | None = None) -> bytes:
+    """``sendmsg`` with ``call-command: execute``.
+
+    An argument with a newline goes in a text/plain body, the only form FreeSWITCH passes intact
+    (it never decodes header values).
+    """
+    headers = [("call-command", "execute"), ("execute-app-name", _check_line("app", app))]
+    body = None
+    if arg is not None and arg != "":
+        if "\n" in arg or "\r" in arg:
+            body = arg
+        else:
+            headers.append(("execute-app-arg", arg))
+    if loops is not None:
+        headers.append(("loops", str(int(loops))))
+    if event_lock:
+        headers.append(("event-lock", "true"))
+    if async_:
+        headers.append(("async", "true"))
+    if event_uuid is not None:
+        headers.append(("Event-UUID", event_uuid))
+    return sendmsg(headers, uuid=uuid, body=body)
+
+
+def hangup(cause: str = "NORMAL_CLEARING", uuid: str | None = None) -> bytes:
+    return sendmsg([("call-command", "hangup"), ("hangup-cause", cause)], uuid=uuid)
+
+
+def _event_format(fmt: str) -> str:
+    if fmt not in EVENT_FORMATS:
+        raise ValueError(f"event format must be one of {EVENT_FORMATS}, not {fmt!r}")
+    return fmt
+
+
+class Command:
+    """One command as FreeSWITCH reads it: the command line, its headers and body."""
+
+    __slots__ = ("line", "headers", "body")
+
+    def __init__(self, line: str, headers: Headers, body: bytes | None):
+        self.line = line
+        self.headers = headers
+        self.body = body
+
+    @property
+    def name(self) -> str:
+        return self.line.split(" ", 1)[0].lower()
+
+    @property
+    def args(self) -> str:
+        parts = self.line.split(" ", 1)
+        return parts[1] if len(parts) > 1 else ""
+
+    def __repr__(self) -> str:
+        return f"<Command {self.line!r}>"
+
+
+class CommandParser:
+    """us → FreeSWITCH: feed bytes, get ``Command`` objects (for the simulator and tests).
+
+    Header values are kept raw: FreeSWITCH does not url-decode what clients send.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+        self._framer = _Framer(max_frame_size, _split_command_block)
+
+    @property
+    def mid_frame(self) -> bool:
+        return self._framer.mid_frame
+
+    def feed(self, data: bytes) -> list[Command]:
+        return [Command(line, Headers(pairs), body)
+                for (line, pairs), body in self._framer.feed(data)]
+
+
+def _split_command_block(block: bytes) -> tuple[str, list[tuple[str, str]]]:
+    line, _, rest = block.partition(b"\n")
+    return line.decode("utf-8", "replace").strip("\r"), _split_header_block(rest)
+
+
+# --------------------------------------------------------------------------------------------
+# FreeSWITCH's side of the wire (used by the simulator and the tests)
+# --------------------------------------------------------------------------------------------
+
+_FS_UNSAFE = set(b"\r\n #%&+:;<=>?@[\\]^`{|}\"")
+
+
+def fs_url_encode(value: str) -> str:
+    """Encode a value as switch_url_encode does: %XX for controls, non-ASCII and the unsafe set."""
+    out = []
+    for byte in value.encode("utf-8"):
+        if byte < 0x20 or byte > 0x7E or byte in _FS_UNSAFE:
+            out.append("%%%02X" % byte)
+        else:
+            out.append(chr(byte))
+    return "".join(out)
+
+
+def serialize_event_plain(headers: Iterable[tuple[str, str]], body: bytes = b"") -> bytes:
+    """An event serialised as switch_event_serialize writes it (the body of a text/event-plain)."""
+    lines = "".join(f"{name}: {fs_url_encode(value) if value != '' else '_undef_'}\n"
+                    for name, value in headers)
+    if body:
+        return f"{lines}Content-Length: {len(body)}\n\n".encode("utf-8") + body
+    return (lines + "\n").encode("utf-8")
+
+
+def serialize_event_json(headers: Iterable[tuple[str, str]], body: bytes = b"") -> bytes:
+    obj = dict(headers)
+    if body:
+        obj["Content-Length"] = str(len(body))
+        obj["_body"] = body.decode("utf-8", "replace")
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def event_frame(headers: Iterable[tuple[str, str]], body: bytes = b"", fmt: str = "plain"
+                ) -> bytes:
+    """A whole text/event-* frame, Content-Length first, as mod_event_socket writes it."""
+    payload = (serialize_event_json if fmt == "json" else serialize_event_plain)(headers, body)
+    return (f"Content-Length: {len(payload)}\nContent-Type: text/event-{fmt}\n\n"
+            .encode("utf-8") + payload)
+
+
+def reply_frame(text: str, extra: Iterable[tuple[str, str]] = ()) -> bytes:
+    lines = [f"Content-Type: {CONTENT_COMMAND_REPLY}", f"Reply-Text: {text}"]
+    lines += [f"{name}: {value}" for name, value in extra]
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def api_response_frame(body: bytes) -> bytes:
+    return (f"Content-Type: {CONTENT_API_RESPONSE}\nContent-Length: {len(body)}\n\n"
+            .encode("utf-8") + body)
+
+
+def connect_reply_frame(channel_data: Iterable[tuple[str, str]], socket_mode: str = "async",
+                        control: str = "full") -> bytes:
+    """The connect reply: CHANNEL_DATA serialised event-plain style, reply headers last."""
+    headers = [*channel_data, ("Content-Type", CONTENT_COMMAND_REPLY), ("Reply-Text", "+OK\n"),
+               ("Socket-Mode", socket_mode), ("Control", control)]
+    return "".join(f"{name}: {fs_url_encode(value)}\n" for name, value in headers
+                   ).encode("utf-8") + b"\n"
+
+
+DISCONNECT_BODY = b"Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
+
+
+def linger_notice_frame(uuid: str, channel_name: str, linger_time: int) -> bytes:
+    return (f"Content-Type: {CONTENT_DISCONNECT_NOTICE}\nControlled-Session-UUID: {uuid}\n"
+            f"Content-Disposition: linger\nChannel-Name: {channel_name}\n"
+            f"Linger-Time: {linger_time}\nContent-Length: 0\n\n").encode("utf-8")
+
+
+def disconnect_notice_frame(uuid: str) -> bytes:
+    return (f"Content-Type: {CONTENT_DISCONNECT_NOTICE}\nControlled-Session-UUID: {uuid}\n"
+            f"Content-Disposition: disconnect\nContent-Length: {len(DISCONNECT_BODY)}\n\n"
+            ).encode("utf-8") + DISCONNECT_BODY
