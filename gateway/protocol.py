@@ -22,6 +22,7 @@ import re
 from typing import Iterable, Iterator, Mapping
 from urllib.parse import unquote
 from xml.etree import ElementTree
+from xml.sax.saxutils import escape as xml_escape
 
 DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
 ARRAY_PREFIX = "ARRAY::"
@@ -188,6 +189,9 @@ class _Framer:
                             f"header block exceeds {self.max_frame_size} bytes without ending")
                     self._scan_from = max(buf.rfind(b"\n"), 0)
                     return out
+                if start > self.max_frame_size:
+                    raise ProtocolError(f"header block of {start} bytes exceeds the "
+                                        f"{self.max_frame_size}-byte limit")
                 block = bytes(buf[:start])
                 del buf[:stop]
                 self._scan_from = 0
@@ -313,17 +317,16 @@ def _parse_plain_event(data: bytes) -> Event:
     body = b""
     for name, value in pairs:
         if name.lower() == "content-length":
-            try:
-                body = rest[:int(value)]
-            except ValueError:
-                raise ProtocolError(f"invalid inner Content-Length {value[:40]!r}") from None
+            if not value.strip().isdigit():
+                raise ProtocolError(f"invalid inner Content-Length {value[:40]!r}")
+            body = rest[:int(value)]
     return Event(Headers(pairs, encoded=True), body)
 
 
 def _parse_json_event(data: bytes) -> Event:
     try:
         obj = json.loads(data.decode("utf-8", "replace"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:   # a hostile peer can nest arbitrarily deep
         raise ProtocolError(f"malformed JSON event: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("JSON event is not an object")
@@ -540,11 +543,22 @@ def _split_command_block(block: bytes) -> tuple[str, list[tuple[str, str]]]:
 _FS_UNSAFE = set(b"\r\n #%&+:;<=>?@[\\]^`{|}\"")
 
 
+_UPPER_HEX = frozenset(b"0123456789ABCDEF")
+
+
 def fs_url_encode(value: str) -> str:
-    """Encode a value as switch_url_encode does: %XX for controls, non-ASCII and the unsafe set."""
+    """Encode a value as switch_url_encode does: %XX for controls, non-ASCII and the unsafe set.
+
+    Like FreeSWITCH, an existing ``%XX`` with upper-case hex digits is left alone (no double
+    encoding), which makes decoding lossy for values that already contain such sequences.
+    """
+    data = value.encode("utf-8")
     out = []
-    for byte in value.encode("utf-8"):
-        if byte < 0x20 or byte > 0x7E or byte in _FS_UNSAFE:
+    for index, byte in enumerate(data):
+        if byte == 0x25 and data[index + 1:index + 2] and data[index + 2:index + 3] and \
+                data[index + 1] in _UPPER_HEX and data[index + 2] in _UPPER_HEX:
+            out.append("%")
+        elif byte < 0x20 or byte > 0x7E or byte in _FS_UNSAFE:
             out.append("%%%02X" % byte)
         else:
             out.append(chr(byte))
@@ -568,10 +582,26 @@ def serialize_event_json(headers: Iterable[tuple[str, str]], body: bytes = b"") 
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def serialize_event_xml(headers: Iterable[tuple[str, str]], body: bytes = b"") -> bytes:
+    """An event as switch_event_xmlize writes it: url-encoded values inside XML elements."""
+    lines = ["<event>", "  <headers>"]
+    lines += [f"    <{name}>{fs_url_encode(value)}</{name}>" for name, value in headers]
+    lines.append("  </headers>")
+    if body:
+        lines.append(f"  <Content-Length>{len(body)}</Content-Length>")
+        lines.append(f"  <body>{xml_escape(body.decode('utf-8', 'replace'))}</body>")
+    lines.append("</event>")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+_SERIALIZERS = {"plain": serialize_event_plain, "json": serialize_event_json,
+                "xml": serialize_event_xml}
+
+
 def event_frame(headers: Iterable[tuple[str, str]], body: bytes = b"", fmt: str = "plain"
                 ) -> bytes:
     """A whole text/event-* frame, Content-Length first, as mod_event_socket writes it."""
-    payload = (serialize_event_json if fmt == "json" else serialize_event_plain)(headers, body)
+    payload = _SERIALIZERS[_event_format(fmt)](headers, body)
     return (f"Content-Length: {len(payload)}\nContent-Type: text/event-{fmt}\n\n"
             .encode("utf-8") + payload)
 

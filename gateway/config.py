@@ -1,0 +1,203 @@
+"""Every setting, declared once: type, default, CLI flag, config-file key, environment variable, help.
+
+The command-line parser, the config-file reader, the environment lookup and the settings table in
+the README are all generated from ``SETTINGS`` below, so they cannot drift apart.
+
+Precedence, lowest first: default < config file (``-c FILE``, INI section ``[esl-gateway]``) <
+environment (``ESL_GATEWAY_<NAME>``) < command line. The master re-reads the file on reload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+ENV_PREFIX = "ESL_GATEWAY_"
+FILE_SECTION = "esl-gateway"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, not {value}")
+    return value
+
+
+def address_list(text: str) -> list[str]:
+    """Comma- or space-separated ``HOST:PORT`` list (the file and environment form of --bind)."""
+    return [item for item in text.replace(",", " ").split() if item]
+
+
+def log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"unknown log level {text!r}")
+    return level
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    flags: tuple[str, ...]
+    help: str
+    metavar: str | None = None
+    repeatable: bool = False     # a CLI flag given several times accumulates (like gunicorn -b)
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def file_key(self) -> str:
+        return self.name
+
+    def default_value(self) -> Any:
+        return self.default() if callable(self.default) else self.default
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("app", str, None, (), metavar="MODULE:CALLABLE",
+            help="The call-control handler, called as handler(session) once per call."),
+    Setting("bind", address_list, lambda: ["127.0.0.1:9090"], ("-b", "--bind"),
+            metavar="HOST:PORT", repeatable=True,
+            help="Address to listen on; repeat for several. [::]:PORT is dual-stack IPv4+IPv6."),
+    Setting("workers", positive_int, lambda: os.cpu_count() or 1, ("-w", "--workers"),
+            metavar="N", help="Number of worker processes (default: the CPU count)."),
+    Setting("worker_connections", positive_int, 1000, ("--worker-connections",), metavar="N",
+            help="Concurrent calls per worker; a full worker leaves new calls queued for others."),
+    Setting("backlog", positive_int, 2048, ("--backlog",), metavar="N",
+            help="Listen backlog (capped by net.core.somaxconn); calls wait here during restarts."),
+    Setting("timeout", non_negative_float, 30.0, ("--timeout",), metavar="SECONDS",
+            help="A worker whose event loop misses heartbeats this long is killed and replaced."),
+    Setting("graceful_timeout", non_negative_float, 3600.0, ("--graceful-timeout",),
+            metavar="SECONDS",
+            help="How long a stopping worker keeps its in-flight calls before closing them."),
+    Setting("command_timeout", non_negative_float, 30.0, ("--command-timeout",),
+            metavar="SECONDS",
+            help="Default wait for a command's reply; a late reply closes that call, never "
+                 "desynchronises it."),
+    Setting("linger", positive_int, 10, ("--linger",), metavar="SECONDS",
+            help="Linger time sent by session.linger() without an argument (a bare `linger` "
+                 "would pin the call inside FreeSWITCH for ever)."),
+    Setting("max_frame_size", positive_int, 8 * 1024 * 1024, ("--max-frame-size",),
+            metavar="BYTES", help="Largest frame accepted from FreeSWITCH; a larger one closes "
+                                  "that call as a protocol error."),
+    Setting("max_queued_events", positive_int, 5000, ("--max-queued-events",), metavar="N",
+            help="Events a call may hold unread by its handler; overflow ends that call, logged."),
+    Setting("log_level", log_level, "INFO", ("--log-level",), metavar="LEVEL",
+            help="debug, info, warning, error or critical. Logs always go to stderr."),
+)
+
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+class ConfigError(Exception):
+    """A setting has a value that cannot be used; the message names the setting and its source."""
+
+
+class Config:
+    """Resolved settings as attributes (``config.workers``), plus where each came from."""
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str], path: str | None):
+        self.__dict__.update(values)
+        self.values = values
+        self.sources = sources
+        self.path = path
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every setting to an argparse parser; unset flags stay None so precedence works."""
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help=f"INI file with a [{FILE_SECTION}] section (re-read on reload).")
+    for setting in SETTINGS:
+        if not setting.flags:
+            parser.add_argument(setting.name, nargs="?", metavar=setting.metavar,
+                                help=setting.help)
+            continue
+        parser.add_argument(*setting.flags, dest=setting.name, metavar=setting.metavar,
+                            action="append" if setting.repeatable else "store",
+                            help=f"{setting.help} [env {setting.env}]")
+
+
+def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Config:
+    """Merge defaults, the config file, the environment and the command line, in that order."""
+    environ = os.environ if environ is None else environ
+    path = cli.get("config") or environ.get(ENV_PREFIX + "CONFIG")
+    file_values = _read_file(path) if path else {}
+    values, sources = {}, {}
+    for setting in SETTINGS:
+        value, source = setting.default_value(), "default"
+        if setting.file_key in file_values:
+            value = _convert(setting, file_values.pop(setting.file_key), f"{path}")
+            source = "file"
+        if setting.env in environ:
+            value = _convert(setting, environ[setting.env], setting.env)
+            source = "env"
+        given = cli.get(setting.name)
+        if given is not None:
+            if setting.repeatable:
+                value = [item for text in given for item in _convert(setting, text, "command line")]
+            else:
+                value = _convert(setting, given, "command line")
+            source = "command line"
+        values[setting.name], sources[setting.name] = value, source
+    if file_values:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(file_values))}")
+    if not values["app"]:
+        raise ConfigError("no app given: pass MODULE:CALLABLE, set app = in the config file, "
+                          f"or {ENV_PREFIX}APP")
+    return Config(values, sources, path)
+
+
+def _read_file(path: str) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except (OSError, configparser.Error) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if not parser.has_section(FILE_SECTION):
+        raise ConfigError(f"{path}: no [{FILE_SECTION}] section")
+    return {key.replace("-", "_"): value for key, value in parser.items(FILE_SECTION)}
+
+
+def _convert(setting: Setting, text: Any, source: str) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return setting.type(text)
+    except ValueError as exc:
+        raise ConfigError(f"{setting.name} from {source}: {exc}") from None
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from SETTINGS (tests check the README matches)."""
+    rows = ["| setting (file key) | CLI flag | environment | default | meaning |",
+            "|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        flags = ", ".join(f"`{flag}`" for flag in setting.flags) or "positional"
+        default = "CPU count" if setting.name == "workers" else setting.default_value()
+        if isinstance(default, list):
+            default = ", ".join(default)
+        rows.append(f"| `{setting.file_key}` | {flags} | `{setting.env}` | "
+                    f"{'—' if default is None else f'`{default}`'} | {setting.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())

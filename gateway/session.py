@@ -1,0 +1,495 @@
+"""One outbound ESL call over one socket: the whole API a call-control handler sees.
+
+Design rules, each learnt from a peer library's production bug (docs/esl-peers.md):
+
+* One reader greenlet owns the socket's receive side and is the only one that feeds the parser.
+  Teardown has one owner too (``_shutdown``): it fails every waiter, wakes every consumer and closes
+  the socket; nothing is ever sent into a structure that another greenlet may have torn down
+  (eslgo's "send on closed channel" crash).
+* Replies carry no correlation id, so commands are written and their reply slots queued under one
+  lock, and replies are matched strictly FIFO. A reply that does not come in time closes the call:
+  letting the next command read a stale reply would desynchronise everything after it.
+* Events reach the handler in arrival order through one bounded queue; the reader never blocks on
+  the handler (FreeSWITCH kills a listener that stops draining), and overflow ends only this call.
+* CHANNEL_HANGUP, the linger notice, the disconnect notice and EOF each wake every waiter at once:
+  FreeSWITCH runs no queued app after a hangup, so waiting for its completion would wait for ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import uuid as uuidlib
+from collections import deque
+
+import gevent
+from gevent.event import AsyncResult
+from gevent.event import Event as Flag
+from gevent.lock import Semaphore
+from gevent.queue import Empty, Queue
+
+from gateway import protocol
+from gateway.protocol import Event, Frame, ProtocolError
+
+log = logging.getLogger("esl_gateway.session")
+
+# Closing the socket within ~1 ms of the connect reply leaves the call parked for ever inside
+# FreeSWITCH (docs/esl-protocol.md §14; eslgo waits 25 ms for the same reason). A call that is
+# still up is never closed sooner than this after its connect reply.
+CONNECT_SETTLE_SECONDS = 0.025
+# We close by half-closing (FIN) and reading until FreeSWITCH closes too: closing with its last
+# bytes unread would answer them with a reset. This bounds that wait.
+CLOSE_DRAIN_SECONDS = 5.0
+RECV_SIZE = 65536
+_CLOSED = object()   # queue sentinel: no event will ever follow
+
+
+class ESLError(Exception):
+    """Base of every error a handler can see; says which call, which command, what FreeSWITCH said."""
+
+    def __init__(self, message: str, *, uuid: str | None = None, command: str | None = None,
+                 reply: str | None = None):
+        super().__init__(message)
+        self.uuid, self.command, self.reply = uuid, command, reply
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.command:
+            text = f"{self.command!r}: {text}"
+        if self.reply is not None:
+            text = f"{text} (FreeSWITCH said {self.reply.strip()!r})"
+        return f"[{self.uuid or 'no uuid yet'}] {text}"
+
+
+class SessionClosed(ESLError):
+    """The connection to FreeSWITCH is gone (disconnect notice, EOF, error or close())."""
+
+
+class CallHungUp(SessionClosed):
+    """The channel hung up: no application will run any more, though final events may follow."""
+
+
+class CommandError(ESLError):
+    """FreeSWITCH answered a command with -ERR."""
+
+
+class ApiError(CommandError):
+    """An api/bgapi command's output starts with -ERR."""
+
+
+class CommandTimeout(ESLError):
+    """No reply came in time; the call was closed so no later command can read a stale reply."""
+
+
+class WaitTimeout(ESLError):
+    """An event, execute completion or background job did not arrive in time (the call goes on)."""
+
+
+class SessionSettings:
+    """The per-call knobs, taken from the gateway config once per worker."""
+
+    __slots__ = ("command_timeout", "linger", "max_frame_size", "max_queued_events")
+
+    def __init__(self, command_timeout: float = 30.0, linger: int = 10,
+                 max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+                 max_queued_events: int = 5000):
+        self.command_timeout = command_timeout
+        self.linger = linger
+        self.max_frame_size = max_frame_size
+        self.max_queued_events = max_queued_events
+
+
+class Counters:
+    """Per-worker call-path counters, bumped in place and shipped to the master in batches."""
+
+    __slots__ = ("events", "commands", "protocol_errors")
+
+    def __init__(self):
+        self.events = self.commands = self.protocol_errors = 0
+
+
+class BackgroundJob:
+    """A ``bgapi`` in flight, resolved by the BACKGROUND_JOB event that carries our Job-UUID."""
+
+    def __init__(self, session: "Session", job_uuid: str, command: str, result: AsyncResult):
+        self.session, self.uuid, self.command, self._result = session, job_uuid, command, result
+
+    def ready(self) -> bool:
+        return self._result.ready()
+
+    def get(self, timeout: float | None = None) -> str:
+        """The job's output; raises ApiError for -ERR output, WaitTimeout, or SessionClosed."""
+        try:
+            event = self._result.get(timeout=timeout)
+        except gevent.Timeout:
+            self.session._jobs.pop(self.uuid, None)
+            raise WaitTimeout(f"no BACKGROUND_JOB within {timeout}s", uuid=self.session.uuid,
+                              command=f"bgapi {self.command}") from None
+        output = event.body_text()
+        if output.startswith("-ERR"):
+            raise ApiError("background job failed", uuid=self.session.uuid,
+                           command=f"bgapi {self.command}", reply=output)
+        return output
+
+
+class Session:
+    """The handler's view of one call. Created by the worker for each accepted connection."""
+
+    def __init__(self, sock, settings: SessionSettings | None = None,
+                 counters: Counters | None = None):
+        self.settings = settings or SessionSettings()
+        self.counters = counters or Counters()
+        self.uuid: str | None = None
+        self.channel: protocol.Headers | None = None
+        self.socket_mode: str | None = None   # "async" or "static"
+        self.control: str | None = None       # "full" or "single-channel"
+        self.hungup = False
+        self.hangup_cause: str | None = None
+        self.close_reason: str | None = None
+        self._sock = sock
+        self._parser = protocol.Parser(self.settings.max_frame_size)
+        self._write_lock = Semaphore()
+        self._pending: deque[tuple[AsyncResult, str]] = deque()
+        self._executes: dict[str, tuple[AsyncResult, str]] = {}
+        self._jobs: dict[str, AsyncResult] = {}
+        self._events: Queue = Queue()
+        self._closed = Flag()
+        self._connected_at = 0.0
+        self._event_format: str | None = None   # set once events are subscribed
+        self._background_jobs_subscribed = False
+        self._reader = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send ``connect`` (FreeSWITCH says nothing until we do) and decode CHANNEL_DATA."""
+        self._reader = gevent.spawn(self._read_loop)
+        reply = self._command(protocol.connect(), "connect")
+        if not reply.reply_text.startswith("+OK"):
+            self._shutdown("connect refused")
+            raise CommandError("connect was refused", command="connect", reply=reply.reply_text)
+        self._connected_at = time.monotonic()
+        self.channel = reply.headers
+        self.uuid = reply.headers.get("Unique-ID")
+        self.socket_mode = reply.headers.get("Socket-Mode")
+        self.control = reply.headers.get("Control")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self, reason: str = "closed by the handler") -> None:
+        """Close the connection; FreeSWITCH's ``socket`` app returns and the dialplan goes on.
+
+        A call that is still up is given the connect round-trip's settle time first (see
+        CONNECT_SETTLE_SECONDS). Idempotent.
+        """
+        if self._closed.is_set():
+            return
+        if not self.hungup and self._connected_at:
+            remaining = CONNECT_SETTLE_SECONDS - (time.monotonic() - self._connected_at)
+            if remaining > 0:
+                gevent.sleep(remaining)
+        self._shutdown(reason)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until FreeSWITCH (or anyone) closes the connection; False on timeout."""
+        return self._closed.wait(timeout)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event in arrival order; None on timeout; SessionClosed once none can follow.
+
+        Events that arrived before the connection closed are still delivered first.
+        """
+        try:
+            item = self._events.get(timeout=timeout)
+        except Empty:
+            return None
+        if item is _CLOSED:
+            self._events.put_nowait(_CLOSED)   # keep every later consumer informed too
+            raise SessionClosed(f"no more events: {self.close_reason}", uuid=self.uuid)
+        return item
+
+    def wait_for(self, name: str, timeout: float | None = None) -> Event:
+        """Consume events until one named ``name`` (e.g. CHANNEL_HANGUP_COMPLETE) arrives.
+
+        Events before it are consumed too. Raises WaitTimeout, or SessionClosed when the call
+        ends without it.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            event = self.next_event(left)
+            if event is None:
+                raise WaitTimeout(f"no {name} within {timeout}s", uuid=self.uuid)
+            if event.name == name:
+                return event
+
+    def __iter__(self):
+        """Every event, in order, until the call's connection is gone."""
+        while True:
+            try:
+                yield self.next_event()
+            except SessionClosed:
+                return
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def myevents(self, fmt: str = "plain") -> str:
+        """Subscribe to this channel's events (json is lossless, plain is what most tools use)."""
+        text = self._checked(protocol.myevents(fmt), f"myevents {fmt}")
+        self._event_format = fmt
+        return text
+
+    def linger(self, seconds: int | None = None) -> str:
+        """Keep the socket after hangup so final events (CHANNEL_HANGUP_COMPLETE) arrive.
+
+        Always finite: without an argument, the configured linger time is sent.
+        """
+        seconds = self.settings.linger if seconds is None else seconds
+        return self._checked(protocol.linger(seconds), f"linger {seconds}")
+
+    def execute(self, app: str, arg: str | None = None, wait: bool = True,
+                timeout: float | None = None, **options) -> Event | str:
+        """Run a dialplan application on this channel.
+
+        With ``wait`` the CHANNEL_EXECUTE_COMPLETE whose Application-UUID is our Event-UUID is
+        returned (never matched by app name: two queued playbacks are otherwise ambiguous).
+        Without it, the Event-UUID is returned once FreeSWITCH has queued the app.
+        Options: ``loops``, ``event_lock``, ``async_``.
+        """
+        command = f"execute {app}"
+        if self.hungup:
+            raise CallHungUp("the call has hung up", uuid=self.uuid, command=command)
+        if wait and self._event_format is None:
+            raise ESLError("waiting for an execute needs events: call session.myevents() first",
+                           uuid=self.uuid, command=command)
+        event_uuid = str(uuidlib.uuid4())
+        result = AsyncResult()
+        if wait:
+            self._executes[event_uuid] = (result, command)
+        try:
+            self._checked(protocol.execute(app, arg, event_uuid=event_uuid, **options), command)
+        except BaseException:
+            self._executes.pop(event_uuid, None)
+            raise
+        if not wait:
+            return event_uuid
+        try:
+            return result.get(timeout=timeout)
+        except gevent.Timeout:
+            self._executes.pop(event_uuid, None)
+            raise WaitTimeout(f"not complete within {timeout}s", uuid=self.uuid,
+                              command=command) from None
+
+    def answer(self) -> Event:
+        return self.execute("answer")
+
+    def playback(self, path: str, **kwargs) -> Event:
+        return self.execute("playback", path, **kwargs)
+
+    def hangup(self, cause: str = "NORMAL_CLEARING") -> None:
+        """Hang the call up. A call that is already down or disconnected is left as it is."""
+        if self.hungup or self.closed:
+            return
+        self._checked(protocol.hangup(cause), f"hangup {cause}")
+
+    def api(self, cmd: str, timeout: float | None = None) -> str:
+        """Run an API command inline (``full`` sockets only); -ERR output raises ApiError."""
+        frame = self._command(protocol.api(cmd), f"api {cmd}", timeout)
+        output = frame.body_text()
+        if output.startswith("-ERR"):
+            raise ApiError("api command failed", uuid=self.uuid, command=f"api {cmd}",
+                           reply=output)
+        return output
+
+    def bgapi(self, cmd: str) -> BackgroundJob:
+        """Start an API command in the background; ``.get()`` the returned job for its output.
+
+        BACKGROUND_JOB is subscribed the first time, in the socket's current event format
+        (``event <fmt>`` switches the format of every event on the socket).
+        """
+        if not self._background_jobs_subscribed:
+            fmt = self._event_format or "plain"
+            self._checked(protocol.event(fmt, ["BACKGROUND_JOB"]), "event BACKGROUND_JOB")
+            self._event_format = fmt
+            self._background_jobs_subscribed = True
+        job_uuid = str(uuidlib.uuid4())
+        result = AsyncResult()
+        self._jobs[job_uuid] = result
+        try:
+            self._checked(protocol.bgapi(cmd, job_uuid), f"bgapi {cmd}")
+        except BaseException:
+            self._jobs.pop(job_uuid, None)
+            raise
+        return BackgroundJob(self, job_uuid, cmd, result)
+
+    def getvar(self, name: str) -> str | None:
+        """A channel variable, or None when unset (FreeSWITCH answers -ERR command not found).
+
+        FreeSWITCH truncates values to 511 bytes here; read long values from ``channel``.
+        """
+        text = self._command(protocol.getvar(name), f"getvar {name}").reply_text
+        return None if text == "-ERR command not found" else text
+
+    def send(self, data: bytes, description: str, timeout: float | None = None) -> Frame:
+        """Send a pre-serialised command (see gateway.protocol) and return its reply frame."""
+        return self._command(data, description, timeout)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _checked(self, data: bytes, description: str) -> str:
+        text = self._command(data, description).reply_text
+        if text.startswith("-ERR"):
+            raise CommandError("command failed", uuid=self.uuid, command=description, reply=text)
+        return text
+
+    def _command(self, data: bytes, description: str, timeout: float | None = None) -> Frame:
+        if self._closed.is_set():
+            raise SessionClosed(self.close_reason or "closed", uuid=self.uuid,
+                                command=description)
+        slot = AsyncResult()
+        with self._write_lock:
+            # Queue the slot before writing: the reply may be read while sendall yields.
+            self._pending.append((slot, description))
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                self._shutdown(f"send failed: {exc}")
+        self.counters.commands += 1
+        timeout = self.settings.command_timeout if timeout is None else timeout
+        try:
+            return slot.get(timeout=timeout)
+        except gevent.Timeout:
+            reason = f"no reply to {description!r} within {timeout}s"
+            log.warning("[%s] %s; closing this call", self.uuid, reason)
+            self._shutdown(reason)
+            raise CommandTimeout(f"no reply within {timeout}s", uuid=self.uuid,
+                                 command=description) from None
+
+    def _read_loop(self) -> None:
+        """The socket's only reader: dispatch frames until the call ends, then release the socket."""
+        peer_closed = False
+        try:
+            peer_closed = self._read_frames()
+        finally:
+            if not peer_closed:
+                self._drain_until_peer_closes()
+            self._sock.close()
+
+    def _read_frames(self) -> bool:
+        """Read and dispatch until the session is shut down; True if FreeSWITCH closed first."""
+        sock, parser = self._sock, self._parser
+        try:
+            while True:
+                data = sock.recv(RECV_SIZE)
+                if not data:
+                    cut = " in the middle of a frame" if parser.mid_frame else ""
+                    self._shutdown(f"FreeSWITCH closed the connection{cut}")
+                    return True
+                for frame in parser.feed(data):
+                    self._dispatch(frame)
+                if self._closed.is_set():
+                    return False
+        except ProtocolError as exc:
+            self.counters.protocol_errors += 1
+            log.warning("[%s] protocol error from FreeSWITCH: %s; closing this call",
+                        self.uuid, exc)
+            self._shutdown(f"protocol error: {exc}")
+        except OSError as exc:
+            self._shutdown(f"connection error: {exc}")
+            return True
+        except Exception:
+            log.exception("[%s] internal error in the session reader; closing this call",
+                          self.uuid)
+            self._shutdown("internal error in the session reader")
+        return False
+
+    def _drain_until_peer_closes(self) -> None:
+        """After our FIN, discard what FreeSWITCH still sends until it closes (bounded)."""
+        with gevent.Timeout(CLOSE_DRAIN_SECONDS, False):
+            try:
+                while self._sock.recv(RECV_SIZE):
+                    pass
+            except OSError:
+                pass   # reset or already closed: the connection is gone either way
+
+    def _dispatch(self, frame: Frame) -> None:
+        content_type = frame.content_type
+        if content_type in protocol.EVENT_CONTENT_TYPES:
+            self._on_event(protocol.parse_event(frame))
+        elif frame.is_reply:
+            if not self._pending:
+                raise ProtocolError(f"a {content_type} arrived with no command waiting for it")
+            slot, _ = self._pending.popleft()
+            slot.set(frame)
+        elif content_type == protocol.CONTENT_DISCONNECT_NOTICE:
+            if frame.headers.get("Content-Disposition") == "linger":
+                self._on_hangup("the channel hung up (linger notice)")
+            else:
+                self._shutdown("FreeSWITCH sent its disconnect notice")
+        elif content_type == protocol.CONTENT_LOG:
+            self._enqueue(Event(frame.headers, frame.body or b""))
+        else:
+            log.warning("[%s] ignoring a frame of unexpected type %r", self.uuid, content_type)
+
+    def _on_event(self, event: Event) -> None:
+        self.counters.events += 1
+        name = event.name
+        if name == "CHANNEL_EXECUTE_COMPLETE":
+            waiter = self._executes.pop(event.get("Application-UUID"), None)
+            if waiter is not None:
+                waiter[0].set(event)
+        elif name == "BACKGROUND_JOB":
+            job = self._jobs.pop(event.get("Job-UUID"), None)
+            if job is not None:
+                job.set(event)
+        elif name in ("CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE") and \
+                event.unique_id == self.uuid:
+            self.hangup_cause = event.get("Hangup-Cause")
+            self._on_hangup(f"the channel hung up ({self.hangup_cause})")
+        self._enqueue(event)
+
+    def _enqueue(self, event: Event) -> None:
+        if self._events.qsize() >= self.settings.max_queued_events:
+            reason = (f"more than {self.settings.max_queued_events} events unread by the "
+                      "handler (event queue overflow)")
+            log.warning("[%s] %s; closing this call", self.uuid, reason)
+            self._shutdown(reason)
+            return
+        self._events.put_nowait(event)
+
+    def _on_hangup(self, reason: str) -> None:
+        if self.hungup:
+            return
+        self.hungup = True
+        waiters, self._executes = self._executes, {}
+        for slot, command in waiters.values():
+            slot.set_exception(CallHungUp(reason, uuid=self.uuid, command=command))
+
+    def _shutdown(self, reason: str) -> None:
+        """The one teardown path: fail every waiter, end the event stream, close the socket."""
+        if self._closed.is_set():
+            return
+        self.close_reason = reason
+        self._closed.set()
+        pending, self._pending = self._pending, deque()
+        for slot, command in pending:
+            slot.set_exception(SessionClosed(reason, uuid=self.uuid, command=command))
+        executes, self._executes = self._executes, {}
+        for slot, command in executes.values():
+            slot.set_exception(SessionClosed(reason, uuid=self.uuid, command=command))
+        jobs, self._jobs = self._jobs, {}
+        for job_uuid, slot in jobs.items():
+            slot.set_exception(SessionClosed(reason, uuid=self.uuid, command=f"bgapi {job_uuid}"))
+        self._events.put_nowait(_CLOSED)
+        if self._reader is None:
+            self._sock.close()
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_WR)   # FIN now; the reader closes once FS has
+        except OSError:
+            pass   # the peer is already gone: the reader sees that and closes

@@ -1,0 +1,1 @@
+"""Worker implementations: processes forked by the master that accept and serve calls."""

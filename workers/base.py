@@ -1,0 +1,56 @@
+"""What every worker process shares: what the master hands it, its exit codes, its entry point.
+
+A worker is a forked child of the master. Whatever happens inside it, it leaves through
+``child_main``'s ``os._exit`` so it can never fall back into the master's code, and any traceback
+reaches stderr (journald under systemd) before it goes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+
+from setproctitle import setproctitle
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_BOOT_ERROR = 3    # the app could not be imported: respawning at once would only repeat it
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a new worker needs, prepared by the master just before fork()."""
+
+    slot: int
+    generation: int
+    config: object
+    listeners: list[socket.socket]
+    channel: socket.socket   # this worker's end of its socketpair with the master
+
+
+def set_title(text: str) -> None:
+    setproctitle(f"esl-gateway: {text}")
+
+
+def child_main(spec: WorkerSpec, worker_class_path: str) -> None:
+    """Run a worker in the freshly forked child and exit; never returns.
+
+    The worker class is imported here, after fork(), so the master never imports gevent.
+    """
+    code = EXIT_CRASH
+    try:
+        module_name, _, class_name = worker_class_path.partition(":")
+        worker_class = getattr(importlib.import_module(module_name), class_name)
+        code = worker_class(spec).run()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else EXIT_CRASH
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

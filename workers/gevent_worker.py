@@ -1,0 +1,222 @@
+"""The gevent worker: accepts calls on the inherited listening socket, one greenlet per call.
+
+Accepting is one connection per wakeup, and only while the worker has room (its pool has a free
+slot): a busy or full worker leaves calls in the kernel queue for its siblings instead of
+hoarding them. Everything the master needs to know travels on the worker's socketpair as
+msgpack (gateway.ipc), batched once a second; nothing on the call path talks to the master.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket as stdlib_socket
+import time
+import traceback
+
+import gevent
+from gevent import monkey
+from gevent.event import Event as Flag
+from gevent.lock import Semaphore
+from gevent.pool import Pool
+
+from gateway import ipc
+from gateway.app import load_app
+from gateway.session import Counters, SessionClosed, Session, SessionSettings
+from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, set_title
+
+log = logging.getLogger("esl_gateway.worker")
+
+HEARTBEAT_INTERVAL = 1.0
+# Accept failures such as EMFILE would repeat at once; back off instead of spinning the CPU.
+ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX = 0.01, 1.0
+ACCEPT_RETRYABLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# Errors about one connection that died in the queue: skip it and accept the next.
+ACCEPT_SKIPPABLE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
+QUICK_STOP_SECONDS = 2.0
+KEEPALIVE = ((stdlib_socket.TCP_KEEPIDLE, 30), (stdlib_socket.TCP_KEEPINTVL, 10),
+             (stdlib_socket.TCP_KEEPCNT, 3))
+
+
+class GeventWorker:
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.config = spec.config
+        self.counters = Counters()
+        self.calls_total = 0
+        self.handler_exceptions = 0
+        self.calls_failed = 0
+        self.accept_errors = 0
+        self.started = time.time()
+        self.sessions: set[Session] = set()
+        self._stop = Flag()
+        self._graceful = True
+        self._stop_reason = ""
+        self._send_lock = Semaphore()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        monkey.patch_all()
+        from gevent import socket as gsocket   # after patching: the cooperative socket type
+        self._gsocket = gsocket
+        self.channel = gsocket.socket(fileno=self.spec.channel.detach())
+        self._title("booting")
+        self._install_signals()
+        try:
+            self.app = load_app(self.config.app)
+        except BaseException:
+            text = traceback.format_exc()
+            log.error("worker %d cannot load app %s:\n%s", self.spec.slot, self.config.app, text)
+            self._send("boot_error", traceback=text)
+            return EXIT_BOOT_ERROR
+        self.settings = SessionSettings(
+            command_timeout=self.config.command_timeout, linger=self.config.linger,
+            max_frame_size=self.config.max_frame_size,
+            max_queued_events=self.config.max_queued_events)
+        self.pool = Pool(self.config.worker_connections)
+        self.listeners = [gsocket.socket(fileno=sock.detach()) for sock in self.spec.listeners]
+        self.acceptors = [gevent.spawn(self._accept_loop, sock) for sock in self.listeners]
+        gevent.spawn(self._heartbeat_loop)
+        gevent.spawn(self._watch_master)
+        self._send("ready")
+        self._title("ready")
+        log.info("worker %d (pid %d) ready, generation %d", self.spec.slot, os.getpid(),
+                 self.spec.generation)
+        try:
+            self._stop.wait()
+            return self._drain()
+        except BaseException:
+            text = traceback.format_exc()
+            self._send("crash", traceback=text)
+            raise
+
+    def _install_signals(self) -> None:
+        # The master's own signals mean nothing here; a stray one must not kill calls.
+        for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        gevent.signal_handler(signal.SIGTERM, self.stop, "asked to stop (SIGTERM)", True)
+        gevent.signal_handler(signal.SIGQUIT, self.stop, "asked to quit (SIGQUIT)", False)
+        gevent.signal_handler(signal.SIGINT, self.stop, "interrupted (SIGINT)", False)
+
+    def stop(self, reason: str, graceful: bool) -> None:
+        """Stop accepting; graceful keeps calls until they end, quick closes them now."""
+        if self._stop.is_set():
+            self._graceful = self._graceful and graceful   # a quick stop overrides a graceful one
+            if not graceful:
+                self.pool.kill(block=False)
+            return
+        self._stop_reason, self._graceful = reason, graceful
+        self._stop.set()
+
+    def _drain(self) -> int:
+        for acceptor in self.acceptors:
+            acceptor.kill()
+        for sock in self.listeners:
+            sock.close()   # our copy only: the master keeps the socket and its queue alive
+        active = len(self.pool)
+        log.info("worker %d (pid %d) %s; %s %d call(s)", self.spec.slot, os.getpid(),
+                 self._stop_reason, "draining" if self._graceful else "closing", active)
+        self._title("draining")
+        timeout = self.config.graceful_timeout if self._graceful else 0
+        if not self.pool.join(timeout=timeout):
+            for session in list(self.sessions):
+                log.warning("[%s] closing call still up after %s", session.uuid,
+                            "the graceful timeout" if self._graceful else "a quick stop")
+            self.pool.kill(timeout=QUICK_STOP_SECONDS)
+        self._send_heartbeat()
+        self._send("exiting", reason=self._stop_reason)
+        return EXIT_OK
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def _accept_loop(self, sock) -> None:
+        backoff = ACCEPT_BACKOFF_MIN
+        while not self._stop.is_set():
+            self.pool.wait_available()
+            try:
+                conn, _ = sock.accept()   # gevent: one accept() per readiness wakeup
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                self.accept_errors += 1
+                if exc.errno in ACCEPT_SKIPPABLE:
+                    continue
+                level = logging.WARNING if backoff < ACCEPT_BACKOFF_MAX else logging.DEBUG
+                log.log(level, "worker %d: accept failed (%s); retrying in %.2fs",
+                        self.spec.slot, exc, backoff)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                continue
+            backoff = ACCEPT_BACKOFF_MIN
+            self.pool.spawn(self._serve_call, conn)
+
+    def _serve_call(self, conn) -> None:
+        self.calls_total += 1
+        conn.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+        conn.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE, 1)
+        for option, value in KEEPALIVE:
+            conn.setsockopt(stdlib_socket.IPPROTO_TCP, option, value)
+        session = Session(conn, self.settings, self.counters)
+        self.sessions.add(session)
+        try:
+            try:
+                session.start()
+            except SessionClosed as exc:
+                self.calls_failed += 1
+                log.info("call ended before its connect reply: %s", exc)
+                return
+            try:
+                self.app(session)
+            except SessionClosed as exc:
+                log.info("[%s] call ended under the handler: %s", session.uuid, exc)
+            except Exception:
+                self.handler_exceptions += 1
+                self.calls_failed += 1
+                log.exception("[%s] handler %s raised; ending this call", session.uuid,
+                              self.config.app)
+        except Exception:
+            self.calls_failed += 1
+            log.exception("[%s] call setup failed; ending this call", session.uuid)
+        finally:
+            self.sessions.discard(session)
+            session.close("the handler returned")
+
+    # -- the master -------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while True:
+            self._send_heartbeat()
+            gevent.sleep(HEARTBEAT_INTERVAL)
+
+    def _send_heartbeat(self) -> None:
+        counters = self.counters
+        self._send("hb", active=len(self.pool), calls=self.calls_total,
+                   failed=self.calls_failed, handler_exceptions=self.handler_exceptions,
+                   protocol_errors=counters.protocol_errors, events=counters.events,
+                   commands=counters.commands, accept_errors=self.accept_errors)
+
+    def _watch_master(self) -> None:
+        """EOF on our socketpair means the master is gone: drain rather than serve unsupervised."""
+        while True:
+            try:
+                data = self.channel.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                self.stop("lost its master", True)
+                return
+
+    def _send(self, kind: str, **fields) -> None:
+        fields.setdefault("pid", os.getpid())
+        data = ipc.pack(kind, **fields)
+        with self._send_lock:
+            try:
+                self.channel.sendall(data)
+            except OSError:
+                pass   # the master is gone; _watch_master starts the drain
+
+    def _title(self, state: str) -> None:
+        set_title(f"worker {self.spec.slot} [gen {self.spec.generation}] {state}")
