@@ -1,0 +1,51 @@
+"""Test apps: the example IVR flow, plus a record of every handler run.
+
+Each handler run appends one line to the file named by $ESL_TEST_RECORD (O_APPEND, one small write,
+so lines from several worker processes never interleave): pid, uuid, how the handler ended and how
+long it ran. Tests compare these records with what the simulator saw. The handler also reports its
+worker's pid to the simulator through a `set` application, so a failed call can be attributed to
+the worker that served it.
+"""
+
+import os
+import time
+
+from gateway.simulator import WORKER_PID_VARIABLE
+
+RECORD = os.environ.get("ESL_TEST_RECORD")
+
+
+def record(session, status, started):
+    if RECORD:
+        line = f"{os.getpid()} {session.uuid} {status} {time.monotonic() - started:.4f}\n"
+        fd = os.open(RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def ivr(session):
+    session.myevents()
+    session.linger()
+    session.execute("set", f"{WORKER_PID_VARIABLE}={os.getpid()}")
+    session.answer()
+    session.playback("ivr/ivr-welcome.wav")
+    session.hangup()
+    session.wait_for("CHANNEL_HANGUP_COMPLETE", timeout=30)
+
+
+def handle(session):
+    started = time.monotonic()
+    try:
+        ivr(session)
+    except BaseException as exc:   # SessionClosed/CallHungUp included: the caller hung up
+        record(session, type(exc).__name__, started)
+        raise
+    record(session, "ok", started)
+
+
+def handle_raising(session):
+    """Fails every call after connect, to show one call's exception ends that call only."""
+    session.myevents()
+    raise RuntimeError(f"deliberate failure in call {session.uuid}")

@@ -1,0 +1,20 @@
+import pytest
+
+from tests.gateway_process import GatewayProcess
+
+
+@pytest.fixture
+def start_gateway(tmp_path):
+    """Start real esl-gateway masters for a test; all of them are stopped afterwards."""
+    started = []
+
+    def start(app="reporting_ivr:handle", workers=2, args=(), env=None, wait_ready=True):
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        gateway = GatewayProcess(workdir, app, workers, args, env)
+        started.append(gateway)
+        return gateway.start(wait_ready)
+
+    yield start
+    for gateway in started:
+        gateway.stop()

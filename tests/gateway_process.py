@@ -1,0 +1,116 @@
+"""Run the real ``esl-gateway`` master as a subprocess for integration and chaos tests.
+
+The master binds port 0 and logs the address it got; the test reads it from the log file (stderr
+goes to a file, so a chatty gateway can never block on a full pipe). Every wait is for a condition
+in that log or in /proc, with a deadline. The master runs in its own process group so ``stop()``
+can always clean up every worker, even after a test failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+APPS = Path(__file__).parent / "apps"
+ROOT = Path(__file__).parent.parent
+
+
+def gateway_command() -> list[str]:
+    script = Path(sys.executable).with_name("esl-gateway")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gateway"]
+
+
+class GatewayProcess:
+    def __init__(self, workdir: Path, app: str, workers: int = 2, args=(), env=None):
+        self.workdir, self.app, self.workers, self.args = workdir, app, workers, list(args)
+        self.log_path = workdir / "gateway.log"
+        self.record_path = workdir / "handlers.txt"
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APPS), str(ROOT)]),
+                        ESL_TEST_RECORD=str(self.record_path), **(env or {}))
+        self.proc: subprocess.Popen | None = None
+        self.address: tuple[str, int] | None = None
+
+    def start(self, wait_ready: bool = True) -> "GatewayProcess":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*gateway_command(), "run", "-b", "127.0.0.1:0", "-w", str(self.workers),
+                 *self.args, self.app],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                start_new_session=True)
+        if wait_ready:
+            match = self.wait_for_log(r"Listening at: 127\.0\.0\.1:(\d+)")
+            self.address = ("127.0.0.1", int(match[-1].group(1)))
+            self.wait_for_log(r"ready, generation", count=self.workers)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 20.0) -> list:
+        """Wait until ``pattern`` matches ``count`` times in the log; return the matches."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            matches = list(regex.finditer(self.log()))
+            if len(matches) >= count:
+                return matches
+            if self.proc.poll() is not None and len(matches) < count:
+                raise AssertionError(f"gateway exited ({self.proc.returncode}) before "
+                                     f"{pattern!r} x{count}; log:\n{self.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} seen {len(matches)}/{count} times in "
+                                     f"{timeout}s; log:\n{self.log()[-4000:]}")
+            time.sleep(0.02)
+
+    def worker_pids(self) -> list[int]:
+        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
+
+    def handler_records(self) -> list[tuple[int, str, str, float]]:
+        if not self.record_path.exists():
+            return []
+        rows = []
+        for line in self.record_path.read_text().splitlines():
+            pid, uuid, status, seconds = line.split()
+            rows.append((int(pid), uuid, status, float(seconds)))
+        return rows
+
+    def wait_for_handlers(self, count: int, timeout: float = 20.0) -> list:
+        """Wait until ``count`` handler runs have recorded how they ended."""
+        deadline = time.monotonic() + timeout
+        while len(records := self.handler_records()) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(records)}/{count} handlers returned in {timeout}s")
+            time.sleep(0.02)
+        return records
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Graceful stop, then kill the whole process group if anything is left."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass   # the group is already empty
+        self.proc.wait(5)
