@@ -54,6 +54,7 @@ class Setting:
     help: str
     metavar: str | None = None
     repeatable: bool = False     # a CLI flag given several times accumulates (like gunicorn -b)
+    default_doc: str | None = None   # how the docs show a computed default
 
     @property
     def env(self) -> str:
@@ -74,7 +75,7 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="HOST:PORT", repeatable=True,
             help="Address to listen on; repeat for several. [::]:PORT is dual-stack IPv4+IPv6."),
     Setting("workers", positive_int, lambda: os.cpu_count() or 1, ("-w", "--workers"),
-            metavar="N", help="Number of worker processes (default: the CPU count)."),
+            metavar="N", default_doc="the CPU count", help="Number of worker processes."),
     Setting("worker_connections", positive_int, 1000, ("--worker-connections",), metavar="N",
             help="Concurrent calls per worker; a full worker leaves new calls queued for others."),
     Setting("backlog", positive_int, 2048, ("--backlog",), metavar="N",
@@ -191,11 +192,12 @@ def settings_table() -> str:
             "|---|---|---|---|---|"]
     for setting in SETTINGS:
         flags = ", ".join(f"`{flag}`" for flag in setting.flags) or "positional"
-        default = "CPU count" if setting.name == "workers" else setting.default_value()
+        default = setting.default_value()
         if isinstance(default, list):
             default = ", ".join(default)
-        rows.append(f"| `{setting.file_key}` | {flags} | `{setting.env}` | "
-                    f"{'—' if default is None else f'`{default}`'} | {setting.help} |")
+        shown = setting.default_doc or ("—" if default is None else f"`{default}`")
+        rows.append(f"| `{setting.file_key}` | {flags} | `{setting.env}` | {shown} | "
+                    f"{setting.help} |")
     return "\n".join(rows)
 
 
