@@ -391,6 +391,10 @@ class Session:
                     self._shutdown(f"FreeSWITCH closed the connection{cut}")
                     return True
                 for frame in parser.feed(data):
+                    # Shut down from another greenlet (close(), a timeout)? Then no frame may
+                    # reach the torn-down waiters and queue, not even the rest of this chunk.
+                    if self._closed.is_set():
+                        return False
                     self._dispatch(frame)
                 if self._closed.is_set():
                     return False

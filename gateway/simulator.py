@@ -98,6 +98,8 @@ class SimulatedCall:
         self.answered = False
         self.side_greenlets: list = []     # channel loop and timers; only the listener reads
         self.write_error: OSError | None = None
+        self.held: list[bytes] | None = None   # static mode: events raised by the running app
+        self.hangup_announced = False
         self._pending: list[Command] = []
 
     # -- the whole call ---------------------------------------------------------------------
@@ -289,6 +291,9 @@ class SimulatedCall:
             if app == "set" and arg and arg.startswith(WORKER_PID_VARIABLE + "="):
                 value = arg.split("=", 1)[1]
                 self.result.served_by = int(value) if value.isdigit() else None
+            if self.options.socket_mode == "static":
+                self._run_app_inline(app, arg or "", headers.get("Event-UUID"))
+                return
             self._reply("+OK")
             if not self.hungup.is_set():
                 self.apps.put((app, arg or "", headers.get("Event-UUID")))
@@ -309,31 +314,45 @@ class SimulatedCall:
     # -- the channel ------------------------------------------------------------------------
 
     def _channel_loop(self) -> None:
-        """Runs queued applications in order, as the parked channel does."""
+        """Async sockets: the parked channel runs queued applications in order."""
         while True:
             app, arg, event_uuid = self.apps.get()
-            if self.hungup.is_set():
-                continue   # FreeSWITCH runs no queued app after hangup
-            self.running_app = (app, arg, event_uuid)
-            app_headers = [("Application", app), ("Application-Data", arg)]
-            if event_uuid:
-                app_headers.append(("Application-UUID", event_uuid))
-            self._emit("CHANNEL_EXECUTE", app_headers)
-            response = "_none_"
-            if app == "answer" and not self.answered:
-                self.answered = True
-                self._emit("CHANNEL_ANSWER")
-            elif app == "playback":
-                response = "FILE PLAYED"
-                if self.hungup.wait(self.options.playback_ms / 1000):
-                    continue   # the hangup sequence reports the interrupted app
-            elif app == "hangup":
-                self.running_app = None
-                self._hangup(arg or "NORMAL_CLEARING")
-                continue
+            if not self.hungup.is_set():   # FreeSWITCH runs no queued app after hangup
+                self._run_app(app, arg, event_uuid)
+
+    def _run_app_inline(self, app: str, arg: str, event_uuid: str | None) -> None:
+        """Static sockets: the app runs in the session thread before the reply, and the events
+        it raised are written only after that reply (docs/esl-protocol.md §7)."""
+        self.held = []
+        self._run_app(app, arg, event_uuid)
+        self._reply("+OK")
+        held, self.held = self.held, None
+        for frame in held:
+            self._write(frame)
+        if self.hungup.is_set():
+            self._announce_static_hangup()
+
+    def _run_app(self, app: str, arg: str, event_uuid: str | None) -> None:
+        """One application: CHANNEL_EXECUTE, its effect, CHANNEL_EXECUTE_COMPLETE."""
+        self.running_app = (app, arg, event_uuid)
+        app_headers = [("Application", app), ("Application-Data", arg)]
+        if event_uuid:
+            app_headers.append(("Application-UUID", event_uuid))
+        self._emit("CHANNEL_EXECUTE", app_headers)
+        response = "_none_"
+        if app == "answer" and not self.answered:
+            self.answered = True
+            self._emit("CHANNEL_ANSWER")
+        elif app == "playback":
+            response = "FILE PLAYED"
+            if self.hungup.wait(self.options.playback_ms / 1000):
+                return   # the hangup sequence reports the interrupted app
+        elif app == "hangup":
             self.running_app = None
-            self._emit("CHANNEL_EXECUTE_COMPLETE",
-                       app_headers + [("Application-Response", response)])
+            self._hangup(arg or "NORMAL_CLEARING")
+            return
+        self.running_app = None
+        self._emit("CHANNEL_EXECUTE_COMPLETE", app_headers + [("Application-Response", response)])
 
     def _hangup(self, cause: str) -> None:
         """The channel goes down: the hangup events, the linger, the disconnect notice."""
@@ -349,6 +368,10 @@ class SimulatedCall:
                 self._emit("CHANNEL_HANGUP", [("Hangup-Cause", cause)])
             self._disconnect()
             return
+        if self.options.socket_mode == "static":
+            if self.held is None:   # else the listener announces it after the app's reply
+                self._announce_static_hangup()
+            return
         self._emit("CHANNEL_HANGUP", [("Hangup-Cause", cause)])
         if self.running_app is not None:
             app, arg, event_uuid = self.running_app
@@ -362,6 +385,18 @@ class SimulatedCall:
         self._emit("CHANNEL_STATE", [("Channel-State", "CS_HANGUP")])
         self._emit("CHANNEL_HANGUP_COMPLETE", [("Hangup-Cause", cause),
                                                ("variable_billsec", "0")])
+        self._linger_then_disconnect()
+
+    def _announce_static_hangup(self) -> None:
+        """Static sockets: the linger notice comes before CHANNEL_HANGUP, and no later hangup
+        event (CHANNEL_STATE, CHANNEL_HANGUP_COMPLETE) ever arrives (fixtures static_full*)."""
+        if self.hangup_announced:
+            return
+        self.hangup_announced = True
+        self._linger_then_disconnect()
+        self._emit("CHANNEL_HANGUP", [("Hangup-Cause", self.hangup_cause)])
+
+    def _linger_then_disconnect(self) -> None:
         self._write(protocol.linger_notice_frame(self.uuid, self._channel_name(), self.linger))
         linger = self.options.linger_cap if self.linger < 0 else min(self.linger,
                                                                       self.options.linger_cap)
@@ -388,7 +423,11 @@ class SimulatedCall:
         headers = [("Event-Name", name), ("Core-UUID", CORE_UUID),
                    ("Event-Date-Timestamp", str(int(time.time() * 1e6))),
                    *self._channel_headers(), *extra]
-        self._write(protocol.event_frame(headers, body, self.event_format))
+        frame = protocol.event_frame(headers, body, self.event_format)
+        if self.held is not None:
+            self.held.append(frame)
+        else:
+            self._write(frame)
 
     def _write(self, data: bytes) -> None:
         with self.write_lock:

@@ -442,36 +442,28 @@ def test_parse_event_rejects_non_events():
 # 4. arbitrary chunking
 # --------------------------------------------------------------------------------------------
 
+STREAMS = {"fs": (Parser, snap_frame), "sent": (CommandParser, snap_command)}
+
+
+@pytest.mark.parametrize("kind", STREAMS)
 @pytest.mark.parametrize("name", FIXTURES)
 @CHUNK_SETTINGS
 @given(data=st.data())
-def test_chunking_fs(name, data):
-    """Guards against frames that depend on how TCP happened to segment FreeSWITCH's output."""
-    blob = fixture_bytes(name, "fs")
+def test_chunking(name, kind, data):
+    """Guards against frames that depend on how TCP happened to segment either direction."""
+    parser_cls, snap = STREAMS[kind]
+    blob = fixture_bytes(name, kind)
     offsets = data.draw(st.lists(st.integers(0, len(blob)), max_size=60))
-    whole = [snap_frame(f) for f in Parser().feed(blob)]
-    parser = Parser()
-    assert [snap_frame(f) for f in feed_chunks(parser, blob, offsets)] == whole
-    assert not parser.mid_frame
-
-
-@pytest.mark.parametrize("name", FIXTURES)
-@CHUNK_SETTINGS
-@given(data=st.data())
-def test_chunking_sent(name, data):
-    """Guards against command framing that depends on how our writes were segmented."""
-    blob = fixture_bytes(name, "sent")
-    offsets = data.draw(st.lists(st.integers(0, len(blob)), max_size=60))
-    whole = [snap_command(c) for c in CommandParser().feed(blob)]
-    parser = CommandParser()
-    assert [snap_command(c) for c in feed_chunks(parser, blob, offsets)] == whole
+    whole = [snap(f) for f in parser_cls().feed(blob)]
+    parser = parser_cls()
+    assert [snap(f) for f in feed_chunks(parser, blob, offsets)] == whole
     assert not parser.mid_frame
 
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_byte_at_a_time(name):
     """Guards against boundary bugs at every single offset (FreeSWITCH itself reads 1 byte/recv)."""
-    for kind, parser_cls, snap in (("fs", Parser, snap_frame), ("sent", CommandParser, snap_command)):
+    for kind, (parser_cls, snap) in STREAMS.items():
         blob = fixture_bytes(name, kind)
         whole = [snap(f) for f in parser_cls().feed(blob)]
         parser = parser_cls()
