@@ -89,9 +89,13 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="SECONDS",
             help="Default wait for a command's reply; a late reply closes that call, never "
                  "desynchronises it."),
+    Setting("wait_timeout", non_negative_float, 3600.0, ("--wait-timeout",), metavar="SECONDS",
+            help="Default wait for an execute to complete, an event (wait_for) or a bgapi job; "
+                 "the call goes on after a WaitTimeout."),
     Setting("linger", positive_int, 10, ("--linger",), metavar="SECONDS",
-            help="Linger time sent by session.linger() without an argument (a bare `linger` "
-                 "would pin the call inside FreeSWITCH for ever)."),
+            help="Linger time sent on every `full` socket before the handler runs, so "
+                 "CHANNEL_HANGUP_COMPLETE arrives (a bare `linger` would pin the call inside "
+                 "FreeSWITCH for ever)."),
     Setting("max_frame_size", positive_int, 8 * 1024 * 1024, ("--max-frame-size",),
             metavar="BYTES", help="Largest frame accepted from FreeSWITCH; a larger one closes "
                                   "that call as a protocol error."),

@@ -82,19 +82,31 @@ class CommandTimeout(ESLError):
     """No reply came in time; the call was closed so no later command can read a stale reply."""
 
 
+class NotFullControl(CommandError):
+    """The command needs a ``full`` socket; FreeSWITCH would only answer -ERR command not found."""
+
+
 class WaitTimeout(ESLError):
     """An event, execute completion or background job did not arrive in time (the call goes on)."""
+
+
+# Without the `full` keyword FreeSWITCH refuses these with "-ERR command not found"
+# (mod_event_socket.c, the full-only gate after sendmsg; docs/esl-protocol.md §5).
+FULL_ONLY = frozenset(("linger", "nolinger", "event", "nixevent", "noevents", "api", "bgapi",
+                       "log", "nolog", "sendevent"))
 
 
 class SessionSettings:
     """The per-call knobs, taken from the gateway config once per worker."""
 
-    __slots__ = ("command_timeout", "linger", "max_frame_size", "max_queued_events")
+    __slots__ = ("command_timeout", "wait_timeout", "linger", "max_frame_size",
+                 "max_queued_events")
 
-    def __init__(self, command_timeout: float = 30.0, linger: int = 10,
-                 max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+    def __init__(self, command_timeout: float = 30.0, wait_timeout: float = 3600.0,
+                 linger: int = 10, max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
                  max_queued_events: int = 5000):
         self.command_timeout = command_timeout
+        self.wait_timeout = wait_timeout
         self.linger = linger
         self.max_frame_size = max_frame_size
         self.max_queued_events = max_queued_events
@@ -120,6 +132,8 @@ class BackgroundJob:
 
     def get(self, timeout: float | None = None) -> str:
         """The job's output; raises ApiError for -ERR output, WaitTimeout, or SessionClosed."""
+        if timeout is None:
+            timeout = self.session.settings.wait_timeout
         try:
             event = self._result.get(timeout=timeout)
         except gevent.Timeout:
@@ -216,17 +230,31 @@ class Session:
     def wait_for(self, name: str, timeout: float | None = None) -> Event:
         """Consume events until one named ``name`` (e.g. CHANNEL_HANGUP_COMPLETE) arrives.
 
-        Events before it are consumed too. Raises WaitTimeout, or SessionClosed when the call
-        ends without it.
+        Events before it are consumed too. Raises WaitTimeout (default: the configured wait
+        timeout), or SessionClosed when the call ends without it.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is None:
+            timeout = self.settings.wait_timeout
+        deadline = time.monotonic() + timeout
         while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0)
-            event = self.next_event(left)
+            event = self.next_event(max(deadline - time.monotonic(), 0))
             if event is None:
                 raise WaitTimeout(f"no {name} within {timeout}s", uuid=self.uuid)
             if event.name == name:
                 return event
+
+    def wait_end(self, timeout: float | None = None) -> Event | None:
+        """Wait until the call is over, as far as this socket mode lets us see it.
+
+        Async sockets get CHANNEL_HANGUP_COMPLETE (with linger); static sockets never do, their
+        last hangup event is CHANNEL_HANGUP (captures static_full*). Returns that event, or None
+        when the connection ended first (no linger, or single-channel control).
+        """
+        final = "CHANNEL_HANGUP_COMPLETE" if self.socket_mode == "async" else "CHANNEL_HANGUP"
+        try:
+            return self.wait_for(final, timeout)
+        except SessionClosed:
+            return None
 
     def __iter__(self):
         """Every event, in order, until the call's connection is gone."""
@@ -238,28 +266,87 @@ class Session:
 
     # -- commands ---------------------------------------------------------------------------
 
+    @property
+    def full(self) -> bool:
+        """True when the dialplan said ``full``: api, bgapi, linger and event work only then."""
+        return self.control == "full"
+
     def myevents(self, fmt: str = "plain") -> str:
         """Subscribe to this channel's events (json is lossless, plain is what most tools use)."""
         text = self._checked(protocol.myevents(fmt), f"myevents {fmt}")
         self._event_format = fmt
         return text
 
+    def events(self, *names: str, fmt: str | None = None) -> str:
+        """``event <fmt> <names>``: more event types (e.g. CUSTOM subclasses, ALL).
+
+        FreeSWITCH switches the format of every event on the socket, so the current one is kept
+        unless ``fmt`` says otherwise.
+        """
+        fmt = fmt or self._event_format or "plain"
+        text = self._checked(protocol.event(fmt, names), f"event {fmt} {' '.join(names)}")
+        self._event_format = fmt
+        if "BACKGROUND_JOB" in names or "ALL" in names:
+            self._background_jobs_subscribed = True
+        return text
+
+    def nixevent(self, *names: str) -> str:
+        return self._checked(protocol.nixevent(names), f"nixevent {' '.join(names)}")
+
+    def noevents(self) -> str:
+        text = self._checked(protocol.noevents(), "noevents")
+        self._event_format = None
+        self._background_jobs_subscribed = False
+        return text
+
+    def filter(self, header: str, value: str) -> str:
+        """Once any filter exists, events lacking every filtered header are dropped (so a
+        ``Unique-ID`` filter also drops BACKGROUND_JOB)."""
+        return self._checked(protocol.filter_add(header, value), f"filter {header} {value}")
+
+    def filter_delete(self, header: str, value: str | None = None) -> str:
+        return self._checked(protocol.filter_delete(header, value), f"filter delete {header}")
+
+    def divert_events(self, on: bool = True) -> str:
+        return self._checked(protocol.divert_events(on), f"divert_events {on}")
+
     def linger(self, seconds: int | None = None) -> str:
         """Keep the socket after hangup so final events (CHANNEL_HANGUP_COMPLETE) arrive.
 
-        Always finite: without an argument, the configured linger time is sent.
+        Always finite: without an argument, the configured linger time is sent. The worker does
+        this for every ``full`` call before the handler runs, unless --linger is 0.
         """
         seconds = self.settings.linger if seconds is None else seconds
         return self._checked(protocol.linger(seconds), f"linger {seconds}")
+
+    def nolinger(self) -> str:
+        return self._checked(protocol.nolinger(), "nolinger")
+
+    def log(self, level: str | int = "debug") -> str:
+        """Stream this call's log lines; they arrive as events named ``LOG``, the line as body."""
+        return self._checked(protocol.log(level), f"log {level}")
+
+    def nolog(self) -> str:
+        return self._checked(protocol.nolog(), "nolog")
+
+    def resume(self) -> str:
+        """When the socket closes, let the dialplan resume instead of ending the socket app."""
+        return self._checked(protocol.resume(), "resume")
+
+    def exit(self) -> None:
+        """Ask FreeSWITCH to end this socket (its disconnect notice then closes the session)."""
+        self._checked(protocol.exit_(), "exit")
 
     def execute(self, app: str, arg: str | None = None, wait: bool = True,
                 timeout: float | None = None, **options) -> Event | str:
         """Run a dialplan application on this channel.
 
         With ``wait`` the CHANNEL_EXECUTE_COMPLETE whose Application-UUID is our Event-UUID is
-        returned (never matched by app name: two queued playbacks are otherwise ambiguous).
-        Without it, the Event-UUID is returned once FreeSWITCH has queued the app.
-        Options: ``loops``, ``event_lock``, ``async_``.
+        returned (never matched by app name: two queued playbacks are otherwise ambiguous),
+        within ``timeout`` (default: the configured wait timeout). Without it, the Event-UUID is
+        returned once FreeSWITCH has accepted the app. Options: ``loops``, ``event_lock``,
+        ``async_``. On a static socket FreeSWITCH replies only once the app has run, so the
+        reply is awaited as long as the app may take, not the command timeout.
         """
         command = f"execute {app}"
         if self.hungup:
@@ -267,12 +354,15 @@ class Session:
         if wait and self._event_format is None:
             raise ESLError("waiting for an execute needs events: call session.myevents() first",
                            uuid=self.uuid, command=command)
+        timeout = self.settings.wait_timeout if timeout is None else timeout
+        runs_inline = self.socket_mode == "static" and not options.get("async_")
         event_uuid = str(uuidlib.uuid4())
         result = AsyncResult()
         if wait:
             self._executes[event_uuid] = (result, command)
         try:
-            self._checked(protocol.execute(app, arg, event_uuid=event_uuid, **options), command)
+            self._checked(protocol.execute(app, arg, event_uuid=event_uuid, **options), command,
+                          timeout if runs_inline else None)
         except BaseException:
             self._executes.pop(event_uuid, None)
             raise
@@ -297,8 +387,17 @@ class Session:
             return
         self._checked(protocol.hangup(cause), f"hangup {cause}")
 
+    def sendmsg(self, headers: list[tuple[str, str]], uuid: str | None = None,
+                body: str | bytes | None = None) -> str:
+        """A raw ``sendmsg``, to this channel or another ``uuid`` (e.g. the B leg)."""
+        return self._checked(protocol.sendmsg(headers, uuid=uuid, body=body),
+                             f"sendmsg {uuid or self.uuid}")
+
     def api(self, cmd: str, timeout: float | None = None) -> str:
-        """Run an API command inline (``full`` sockets only); -ERR output raises ApiError."""
+        """Run an API command inline (``full`` sockets only); -ERR output raises ApiError.
+
+        FreeSWITCH runs it in the listener thread, so a slow one delays this call's events.
+        """
         frame = self._command(protocol.api(cmd), f"api {cmd}", timeout)
         output = frame.body_text()
         if output.startswith("-ERR"):
@@ -313,10 +412,7 @@ class Session:
         (``event <fmt>`` switches the format of every event on the socket).
         """
         if not self._background_jobs_subscribed:
-            fmt = self._event_format or "plain"
-            self._checked(protocol.event(fmt, ["BACKGROUND_JOB"]), "event BACKGROUND_JOB")
-            self._event_format = fmt
-            self._background_jobs_subscribed = True
+            self.events("BACKGROUND_JOB")
         job_uuid = str(uuidlib.uuid4())
         result = AsyncResult()
         self._jobs[job_uuid] = result
@@ -341,8 +437,8 @@ class Session:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _checked(self, data: bytes, description: str) -> str:
-        text = self._command(data, description).reply_text
+    def _checked(self, data: bytes, description: str, timeout: float | None = None) -> str:
+        text = self._command(data, description, timeout).reply_text
         if text.startswith("-ERR"):
             raise CommandError("command failed", uuid=self.uuid, command=description, reply=text)
         return text
@@ -351,6 +447,12 @@ class Session:
         if self._closed.is_set():
             raise SessionClosed(self.close_reason or "closed", uuid=self.uuid,
                                 command=description)
+        if self.control is not None and self.control != "full" and \
+                description.split(" ", 1)[0] in FULL_ONLY:
+            raise NotFullControl(
+                "FreeSWITCH refuses this without `full`: use "
+                "`socket host:port async full` in the dialplan", uuid=self.uuid,
+                command=description)
         slot = AsyncResult()
         with self._write_lock:
             # Queue the slot before writing: the reply may be read while sendall yields.
@@ -436,7 +538,8 @@ class Session:
             else:
                 self._shutdown("FreeSWITCH sent its disconnect notice")
         elif content_type == protocol.CONTENT_LOG:
-            self._enqueue(Event(frame.headers, frame.body or b""))
+            headers = protocol.Headers([("Event-Name", "LOG"), *frame.headers.items()])
+            self._enqueue(Event(headers, frame.body or b""))
         else:
             log.warning("[%s] ignoring a frame of unexpected type %r", self.uuid, content_type)
 

@@ -67,7 +67,6 @@ class CallResult:
     first_byte_ms: float | None = None   # TCP connect → `connect` received
     duration_ms: float = 0.0
     served_by: int | None = None          # the worker pid, when the app reports it
-    connect_replied: bool = False         # the call reached the gateway's handler stage
     commands: list[str] = field(default_factory=list)
     ended_at: float = 0.0
 
@@ -172,11 +171,8 @@ class SimulatedCall:
                                         "FreeSWITCH swallows its reply and the client hangs")
         self.connected = True
         self.result.commands.append(first.line)
-        with self.write_lock:
-            if not self.finished.is_set():   # the caller may have hung up already
-                self.sock.sendall(protocol.connect_reply_frame(
-                    self._channel_data(), self.options.socket_mode, self.options.control))
-                self.result.connect_replied = True
+        self._write(protocol.connect_reply_frame(self._channel_data(), self.options.socket_mode,
+                                                 self.options.control))
         while True:
             command = self._next_command(None, "")
             if command is None:

@@ -75,23 +75,30 @@ class GatewayProcess:
         path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         return [int(pid) for pid in path.read_text().split()]
 
-    def handler_records(self) -> list[tuple[int, str, str, float]]:
-        if not self.record_path.exists():
-            return []
-        rows = []
-        for line in self.record_path.read_text().splitlines():
-            pid, uuid, status, seconds = line.split()
-            rows.append((int(pid), uuid, status, float(seconds)))
-        return rows
+    def handler_records(self) -> tuple[set[str], list[tuple[int, str, str, float]]]:
+        """(uuids of handlers that started, [(pid, uuid, how it ended, seconds)] of returns)."""
+        started, ended = set(), []
+        if self.record_path.exists():
+            for line in self.record_path.read_text().splitlines():
+                pid, uuid, status, seconds = line.split()
+                if status == "started":
+                    started.add(uuid)
+                else:
+                    ended.append((int(pid), uuid, status, float(seconds)))
+        return started, ended
 
-    def wait_for_handlers(self, count: int, timeout: float = 20.0) -> list:
-        """Wait until ``count`` handler runs have recorded how they ended."""
+    def wait_handlers_returned(self, timeout: float = 20.0) -> list:
+        """Wait until every handler that started has returned; return how each ended."""
         deadline = time.monotonic() + timeout
-        while len(records := self.handler_records()) < count:
+        while True:
+            started, ended = self.handler_records()
+            if started == {uuid for _, uuid, _, _ in ended} and len(ended) == len(started):
+                return ended
             if time.monotonic() > deadline:
-                raise AssertionError(f"{len(records)}/{count} handlers returned in {timeout}s")
+                stuck = started - {uuid for _, uuid, _, _ in ended}
+                raise AssertionError(f"{len(stuck)} of {len(started)} handlers never returned "
+                                     f"within {timeout}s, e.g. {sorted(stuck)[:3]}")
             time.sleep(0.02)
-        return records
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)

@@ -23,7 +23,7 @@ def test_500_calls_through_two_workers(start_gateway):
     result = run_load(gateway.address, calls=500, rate=150, seed=1)
     assert_all_completed(result)
     assert result.counts()["refused"] == result.counts()["reset"] == 0
-    records = gateway.handler_records()
+    records = gateway.wait_handlers_returned()
     assert len(records) == 500 and all(status == "ok" for _, _, status, _ in records)
     served_by = {r.served_by for r in result.results}
     assert served_by == set(gateway.worker_pids()), "both workers accept from the shared socket"
@@ -54,16 +54,17 @@ def test_sigkill_a_worker_every_half_second(start_gateway):
                       options=CallOptions(playback_ms=100))
     killing.get()
     counts = result.counts()
-    killed = {pid for _, pid in kills}
-    unexplained = [r for r in result.failures()
-                   if not (r.served_by in killed or
-                           (r.served_by is None and
-                            any(0 <= r.ended_at - at < 1.0 for at, _ in kills)))]
+
+    def killed_in_flight(call):
+        """The call failed right after the worker serving it (if it got to say) was killed."""
+        return any(0 <= call.ended_at - at < 1.0 and call.served_by in (None, pid)
+                   for at, pid in kills)
+
+    unexplained = [call for call in result.failures() if not killed_in_flight(call)]
     print("\nchaos:", counts, f"kills={len(kills)}")
     assert len(kills) == 20
     assert counts["refused"] == 0 and counts["timeout"] == 0 and counts["protocol_error"] == 0
     assert not unexplained, unexplained[:5]
-    assert counts["completed"] >= 600
     gateway.wait_for_log(r"was killed by signal 9 \(SIGKILL\)", count=20)
     gateway.wait_for_log(r"ready, generation", count=22)
     assert gateway.proc.poll() is None
@@ -79,10 +80,9 @@ def test_hangup_race_1000_calls(start_gateway):
     counts = result.counts()
     print("\nhangup race:", counts)
     assert counts["completed"] == 1000, result.failures()[:5]
-    reached_handler = sum(r.connect_replied for r in result.results)
     # Every handler that started has returned, and promptly.
-    records = gateway.wait_for_handlers(reached_handler)
-    assert max(seconds for *_, seconds in records) < 5.0
+    records = gateway.wait_handlers_returned()
+    assert records and max(seconds for *_, seconds in records) < 5.0
     assert sorted(gateway.worker_pids()) == pids, "no worker died"
     assert "Traceback" not in gateway.log()
 

@@ -55,6 +55,7 @@ class GeventWorker:
         self._graceful = True
         self._stop_reason = ""
         self._send_lock = Semaphore()
+        self._warned_not_full = False
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -73,7 +74,8 @@ class GeventWorker:
             self._send("boot_error", traceback=text)
             return EXIT_BOOT_ERROR
         self.settings = SessionSettings(
-            command_timeout=self.config.command_timeout, linger=self.config.linger,
+            command_timeout=self.config.command_timeout, wait_timeout=self.config.wait_timeout,
+            linger=self.config.linger,
             max_frame_size=self.config.max_frame_size,
             max_queued_events=self.config.max_queued_events)
         self.pool = Pool(self.config.worker_connections)
@@ -164,9 +166,13 @@ class GeventWorker:
         try:
             try:
                 session.start()
+                if session.full:
+                    session.linger()   # finite: HANGUP_COMPLETE arrives, the call is released
+                else:
+                    self._warn_not_full(session)
             except SessionClosed as exc:
                 self.calls_failed += 1
-                log.info("call ended before its connect reply: %s", exc)
+                log.info("call ended before its handler started: %s", exc)
                 return
             try:
                 self.app(session)
@@ -183,6 +189,14 @@ class GeventWorker:
         finally:
             self.sessions.discard(session)
             session.close("the handler returned")
+
+    def _warn_not_full(self, session: Session) -> None:
+        if not self._warned_not_full:
+            self._warned_not_full = True
+            log.warning("[%s] the dialplan's socket app lacks `full` (Socket-Mode %s, Control "
+                        "%s): linger, api, bgapi and event are refused, so hangup events may be "
+                        "lost. Use `socket host:port async full` (logged once per worker).",
+                        session.uuid, session.socket_mode, session.control)
 
     # -- the master -------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The smallest complete IVR: answer, play a prompt, hang up, and see the call's last event.
 
 Run it with ``esl-gateway run gateway.examples.ivr:handle`` and point a FreeSWITCH extension at it
-with ``<action application="socket" data="127.0.0.1:9090 async full"/>``.
+with ``<action application="socket" data="127.0.0.1:9090 async full"/>``. It also finishes calls
+correctly on ``async`` (single-channel) and static sockets, which see less of the hangup.
 """
 
 import logging
@@ -12,16 +13,16 @@ PROMPT = "ivr/ivr-welcome_to_freeswitch.wav"
 
 
 def handle(session):
-    # Subscribe first: execute() waits for CHANNEL_EXECUTE_COMPLETE, an event.
+    # Subscribe first: execute() waits for CHANNEL_EXECUTE_COMPLETE, an event. (On `full`
+    # sockets the worker has already sent a finite `linger`, so the final events reach us.)
     session.myevents()
-    # Keep the socket after hangup (finite time) so CHANNEL_HANGUP_COMPLETE reaches us.
-    session.linger()
     session.answer()
     session.playback(PROMPT)
     session.hangup()
-    # The last event of every call, with its billing variables; returning then closes the socket
-    # so FreeSWITCH frees the channel without waiting out the linger time.
-    final = session.wait_for("CHANNEL_HANGUP_COMPLETE", timeout=30)
-    log.info("[%s] call from %s ended: %s, billed %ss", session.uuid,
-             session.channel.get("Caller-Caller-ID-Number"), final.get("Hangup-Cause"),
-             final.get("variable_billsec"))
+    # The call's last event: CHANNEL_HANGUP_COMPLETE, with its billing variables, on async
+    # sockets; None if FreeSWITCH disconnected first. Returning then closes the socket, so
+    # FreeSWITCH frees the channel without waiting out the linger time.
+    final = session.wait_end(timeout=30)
+    log.info("[%s] call from %s ended: %s", session.uuid,
+             session.channel.get("Caller-Caller-ID-Number"),
+             final.get("Hangup-Cause") if final else "disconnected")

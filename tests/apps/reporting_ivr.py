@@ -1,8 +1,8 @@
 """Test apps: the example IVR flow, plus a record of every handler run.
 
-Each handler run appends one line to the file named by $ESL_TEST_RECORD (O_APPEND, one small write,
-so lines from several worker processes never interleave): pid, uuid, how the handler ended and how
-long it ran. Tests compare these records with what the simulator saw. The handler also reports its
+Each handler run appends two lines to the file named by $ESL_TEST_RECORD (O_APPEND, one small
+write each, so lines from several worker processes never interleave): pid, uuid, ``started`` when it
+begins, then how it ended and how long it ran. Tests compare these records with what the simulator saw. The handler also reports its
 worker's pid to the simulator through a `set` application, so a failed call can be attributed to
 the worker that served it.
 """
@@ -27,16 +27,16 @@ def record(session, status, started):
 
 def ivr(session):
     session.myevents()
-    session.linger()
     session.execute("set", f"{WORKER_PID_VARIABLE}={os.getpid()}")
     session.answer()
     session.playback("ivr/ivr-welcome.wav")
     session.hangup()
-    session.wait_for("CHANNEL_HANGUP_COMPLETE", timeout=30)
+    session.wait_end(timeout=30)
 
 
 def handle(session):
     started = time.monotonic()
+    record(session, "started", started)
     try:
         ivr(session)
     except BaseException as exc:   # SessionClosed/CallHungUp included: the caller hung up
