@@ -18,8 +18,8 @@ import pytest
 
 from gateway import protocol
 from gateway.session import (CONNECT_SETTLE_SECONDS, ApiError, CallHungUp, CommandError,
-                             CommandTimeout, ESLError, Session, SessionClosed, SessionSettings,
-                             WaitTimeout)
+                             CommandTimeout, ESLError, NotFullControl, Session, SessionClosed,
+                             SessionSettings, WaitTimeout)
 from tests.fakefs import CALL_UUID, TIMEOUT, Background, FakeFS, socketpair
 
 OTHER_UUID = "99999999-8888-4777-8666-555555555555"
@@ -821,3 +821,110 @@ def test_a_reply_with_no_command_pending_is_a_protocol_error(call, frame):
     fs.expect_eof()
     with pytest.raises(SessionClosed):
         session.api("status")
+
+
+# --------------------------------------------------------------------------------------------
+# socket modes (issue: protocol fidelity)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, args", [
+    ("linger", ()), ("nolinger", ()), ("api", ("status",)), ("bgapi", ("status",)),
+    ("events", ("ALL",)), ("nixevent", ("CHANNEL_ANSWER",)), ("noevents", ()), ("log", (6,)),
+    ("nolog", ()),
+])
+def test_full_only_commands_fail_at_once_without_full(calls, method, args):
+    """Trap 4: without `full` FreeSWITCH answers -ERR command not found; we fail at once, naming
+    the missing keyword, and send nothing (so nothing waits)."""
+    session, fs = calls(control="single-channel")
+    assert not session.full
+    with pytest.raises(NotFullControl, match="full") as caught:
+        getattr(session, method)(*args)
+    assert isinstance(caught.value, CommandError) and CALL_UUID in str(caught.value)
+    fs.expect_nothing()
+
+
+def test_single_channel_still_runs_myevents_sendmsg_getvar(calls):
+    """Single-channel sockets keep what FreeSWITCH allows: myevents, sendmsg, getvar."""
+    session, fs = calls(control="single-channel")
+    job = Background(session.myevents)
+    fs.expect("myevents")
+    fs.reply("+OK Events Enabled")
+    job.result()
+    job = Background(session.getvar, "x")
+    fs.expect("getvar")
+    fs.reply("y")
+    assert job.result() == "y"
+
+
+def test_static_execute_reply_waits_for_the_app_not_the_command_timeout(calls):
+    """Static sockets answer sendmsg only after the app ran (playback: its whole length), so the
+    reply wait is the execute's, and the completion after it is still matched by UUID."""
+    session, fs = calls(SessionSettings(command_timeout=0.1), socket_mode="static")
+    job = Background(session.myevents)
+    fs.expect("myevents")
+    fs.reply("+OK Events Enabled")
+    job.result()
+    job = Background(session.playback, "long.wav", timeout=3)
+    command = fs.expect("sendmsg")
+    event_uuid = command.headers["Event-UUID"]
+    gevent.sleep(0.3)                        # the playback runs inline, longer than 0.1 s
+    fs.reply("+OK")
+    fs.event("CHANNEL_EXECUTE", **{"Application-UUID": event_uuid})
+    fs.event("CHANNEL_EXECUTE_COMPLETE", **{"Application-UUID": event_uuid,
+                                            "Application-Response": "FILE PLAYED"})
+    assert job.result()["Application-Response"] == "FILE PLAYED"
+    assert not session.closed
+
+
+@pytest.mark.parametrize("socket_mode, final", [("async", "CHANNEL_HANGUP_COMPLETE"),
+                                                ("static", "CHANNEL_HANGUP")])
+def test_wait_end_returns_the_last_hangup_event_the_mode_delivers(calls, socket_mode, final):
+    """Static sockets never get CHANNEL_HANGUP_COMPLETE (captures static_full*): waiting for it
+    there would wait out the whole linger."""
+    session, fs = calls(socket_mode=socket_mode)
+    job = Background(session.myevents)
+    fs.expect("myevents")
+    fs.reply("+OK Events Enabled")
+    job.result()
+    waiter = Background(session.wait_end, timeout=2)
+    if socket_mode == "static":
+        fs.linger_notice()
+    fs.event("CHANNEL_HANGUP", **{"Hangup-Cause": "NORMAL_CLEARING"})
+    if socket_mode == "async":
+        fs.event("CHANNEL_HANGUP_COMPLETE", **{"Hangup-Cause": "NORMAL_CLEARING"})
+    assert waiter.result().name == final
+
+
+def test_wait_end_is_none_when_freeswitch_disconnects_first(call):
+    """Without linger FreeSWITCH may close before any hangup event: the call is over all the same."""
+    session, fs = call
+    job = Background(session.myevents)
+    fs.expect("myevents")
+    fs.reply("+OK Events Enabled")
+    job.result()
+    waiter = Background(session.wait_end, timeout=2)
+    fs.disconnect()
+    assert waiter.result() is None
+
+
+@pytest.mark.parametrize("method, args, wire", [
+    ("events", ("CHANNEL_ANSWER", "CUSTOM", "sofia::register"),
+     b"event plain CHANNEL_ANSWER CUSTOM sofia::register\n\n"),
+    ("nixevent", ("CHANNEL_ANSWER",), b"nixevent CHANNEL_ANSWER\n\n"),
+    ("filter", ("Unique-ID", CALL_UUID), f"filter Unique-ID {CALL_UUID}\n\n".encode()),
+    ("filter_delete", ("Unique-ID",), b"filter delete Unique-ID\n\n"),
+    ("divert_events", (True,), b"divert_events on\n\n"),
+    ("nolinger", (), b"nolinger\n\n"),
+    ("resume", (), b"resume\n\n"),
+    ("exit", (), b"exit\n\n"),
+    ("log", (6,), b"log 6\n\n"),
+    ("sendmsg", ([("call-command", "hangup")], OTHER_UUID),
+     f"sendmsg {OTHER_UUID}\ncall-command: hangup\n\n".encode()),
+])
+def test_command_surface_sends_freeswitch_byte_forms(call, method, args, wire):
+    """Each command method writes exactly the bytes FreeSWITCH parses (docs §6)."""
+    session, fs = call
+    job = Background(getattr(session, method), *args)
+    assert fs.recv_raw() == wire
+    fs.reply("+OK")
+    job.result()
