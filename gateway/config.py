@@ -26,6 +26,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, not {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -78,6 +85,12 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="N", default_doc="the CPU count", help="Number of worker processes."),
     Setting("worker_connections", positive_int, 1000, ("--worker-connections",), metavar="N",
             help="Concurrent calls per worker; a full worker leaves new calls queued for others."),
+    Setting("max_calls", non_negative_int, 0, ("--max-calls",), metavar="N",
+            help="Recycle a worker after N calls: it stops accepting, finishes its calls and is "
+                 "replaced (0: never). Never cuts a call."),
+    Setting("max_calls_jitter", non_negative_int, 0, ("--max-calls-jitter",), metavar="N",
+            help="Add 0..N at random to each worker's --max-calls, so workers do not all "
+                 "recycle at once."),
     Setting("backlog", positive_int, 2048, ("--backlog",), metavar="N",
             help="Listen backlog (capped by net.core.somaxconn); calls wait here during restarts."),
     Setting("timeout", non_negative_float, 30.0, ("--timeout",), metavar="SECONDS",

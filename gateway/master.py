@@ -19,16 +19,19 @@ import traceback
 from collections import deque
 
 from gateway import ipc, listeners
+from gateway.backoff import CRASH_WINDOW, RespawnBackoff
 from workers.base import EXIT_BOOT_ERROR, EXIT_CRASH, WorkerSpec, child_main, set_title
 
 log = logging.getLogger("esl_gateway.master")
 
-LOOP_TICK = 1.0
+LOOP_TICK = 1.0   # at most; the loop wakes sooner for signals, messages and a short --timeout
+ABORT_GRACE = 2.0        # SIGABRT (faulthandler dumps the stack) before SIGKILL for a hung worker
 QUICK_STOP_SECONDS = 5.0
 GRACE_AFTER_GRACEFUL_TIMEOUT = 5.0
 EXIT_HISTORY = 100
 COUNTER_KEYS = ("calls", "failed", "handler_exceptions", "protocol_errors", "events", "commands",
                 "accept_errors")
+GAUGE_KEYS = ("active", "longest_block_ms")
 
 
 class WorkerRecord:
@@ -39,11 +42,12 @@ class WorkerRecord:
         self.reader = ipc.MessageReader()
         self.started = time.monotonic()
         self.last_heartbeat = self.started
-        self.state = "booting"
+        self.state = "booting"          # booting, ready, draining
+        self.ready_at: float | None = None
         self.counters: dict[str, int] = {}
         self.traceback: str | None = None
         self.exit_reason: str | None = None
-        self.killed_as_hung = False
+        self.aborted_at: float | None = None   # when it was found hung and sent SIGABRT
 
 
 class Master:
@@ -57,11 +61,13 @@ class Master:
         self.exits: deque[dict] = deque(maxlen=EXIT_HISTORY)
         self.dead_totals = dict.fromkeys(COUNTER_KEYS, 0)   # counts of workers that are gone
         self.signal_queue: deque[int] = deque()
+        self.backoff = RespawnBackoff()
         self.stopping = False
         self.graceful_stop = True
         self.stop_deadline = 0.0
         self.listeners: list[socket.socket] = []
         self.selector = selectors.DefaultSelector()
+        self.tick = min(LOOP_TICK, (config.timeout or LOOP_TICK) / 4)
 
     # -- start and run ----------------------------------------------------------------------
 
@@ -77,7 +83,8 @@ class Master:
         while True:
             if not self.stopping:
                 self.manage_workers()
-            self._wait(LOOP_TICK)
+            next_spawn = self.backoff.next_spawn_in(time.monotonic())
+            self._wait(min(self.tick, LOOP_TICK if next_spawn is None else next_spawn))
             while self.signal_queue:
                 name = signal.Signals(self.signal_queue.popleft()).name[3:].lower()
                 getattr(self, f"handle_{name}")()
@@ -143,10 +150,14 @@ class Master:
         log.warning("USR2 (upgrade) is not supported yet; ignoring it")
 
     def handle_ttin(self) -> None:
-        log.warning("TTIN (add a worker) is not supported yet; ignoring it")
+        self.config.workers += 1
+        log.info("TTIN: %d worker(s) wanted", self.config.workers)
 
     def handle_ttou(self) -> None:
-        log.warning("TTOU (remove a worker) is not supported yet; ignoring it")
+        if self.config.workers > 1:
+            self.config.workers -= 1
+            log.info("TTOU: %d worker(s) wanted; the extra one drains its calls",
+                     self.config.workers)
 
     def handle_usr1(self) -> None:
         log.info("USR1: logs go to stderr, there is nothing to reopen")
@@ -168,10 +179,22 @@ class Master:
     # -- workers ----------------------------------------------------------------------------
 
     def manage_workers(self) -> None:
-        """Spawn a worker into every empty slot of the current generation."""
-        taken = {w.slot for w in self.workers.values() if w.generation == self.generation}
+        """Fill every empty slot (unless it is backing off), drain workers beyond the count.
+
+        A draining worker no longer holds its slot: its replacement starts at once, so capacity
+        never drops while it finishes its calls.
+        """
+        now = time.monotonic()
+        serving = [w for w in self.workers.values()
+                   if w.generation == self.generation and w.state != "draining"]
+        for record in serving:
+            if record.slot > self.config.workers:
+                record.state = "draining"
+                _kill(record.pid, signal.SIGTERM)
+        self.backoff.forget_slots_above(self.config.workers)
+        taken = {w.slot for w in serving}
         for slot in range(1, self.config.workers + 1):
-            if slot not in taken:
+            if slot not in taken and self.backoff.may_spawn(slot, now):
                 self.spawn_worker(slot)
 
     def spawn_worker(self, slot: int) -> None:
@@ -231,12 +254,11 @@ class Master:
         kind = message.get("t")
         record.last_heartbeat = time.monotonic()
         if kind == "hb":
-            record.counters = {key: int(message.get(key, 0)) for key in COUNTER_KEYS}
-            record.counters["active"] = int(message.get("active", 0))
+            record.counters = {key: int(message.get(key, 0)) for key in COUNTER_KEYS + GAUGE_KEYS}
         elif kind == "ready":
-            record.state = "ready"
-        elif kind == "exiting":
-            record.state = "exiting"
+            record.state, record.ready_at = "ready", time.monotonic()
+        elif kind == "draining":
+            record.state = "draining"
             record.exit_reason = str(message.get("reason", ""))
         elif kind in ("boot_error", "crash"):
             record.traceback = str(message.get("traceback", ""))
@@ -260,34 +282,49 @@ class Master:
         for key in COUNTER_KEYS:
             self.dead_totals[key] += record.counters.get(key, 0)
         classification, detail = classify_exit(status, record)
-        uptime = time.monotonic() - record.started
+        now = time.monotonic()
+        uptime = now - record.started
         entry = {"time": time.time(), "pid": record.pid, "slot": record.slot,
                  "generation": record.generation, "classification": classification,
                  "detail": detail, "uptime": round(uptime, 3), "traceback": record.traceback}
         self.exits.append(entry)
-        replacing = "" if self.stopping or record.generation != self.generation \
-            else "; replacing it"
         message = (f"worker {record.slot} (pid {record.pid}, gen {record.generation}) "
-                   f"{detail} after {uptime:.1f}s{replacing}")
-        if classification in ("clean", "drained"):
+                   f"{detail} after {uptime:.1f}s")
+        if record.traceback:
+            message += f"; its last traceback:\n{record.traceback.rstrip()}"
+        if classification in CLEAN_EXITS:
             log.info(message)
-        elif record.traceback:
-            log.error("%s; its last traceback:\n%s", message, record.traceback.rstrip())
         else:
             log.error(message)
+        if self.stopping or record.generation != self.generation or record.state == "draining":
+            return
+        delay = self.backoff.record_exit(record.slot, is_early_death(record, classification, now),
+                                         now)
+        failures = self.backoff.failures.get(record.slot, 0)
+        if failures > 1:
+            log.error("slot %d is crash-looping: %d early deaths in a row; next attempt in "
+                      "%.1fs (the port stays bound, other workers keep serving)",
+                      record.slot, failures, delay)
 
     def murder_workers(self) -> None:
-        """Kill workers whose event loop has stopped sending heartbeats for --timeout seconds."""
+        """Kill workers whose event loop has stopped sending heartbeats for --timeout seconds.
+
+        A loop that waits on I/O still ticks; only a blocked loop goes silent. SIGABRT first:
+        the worker's faulthandler writes every thread's stack to stderr, showing what blocked.
+        """
         timeout = self.config.timeout
         if not timeout:
             return
         now = time.monotonic()
         for record in list(self.workers.values()):
             silent = now - record.last_heartbeat
-            if silent > timeout and not record.killed_as_hung:
-                log.error("worker %d (pid %d) sent no heartbeat for %.1fs (timeout %.0fs); "
-                          "killing it", record.slot, record.pid, silent, timeout)
-                record.killed_as_hung = True
+            if record.aborted_at is None and silent > timeout:
+                log.error("worker %d (pid %d) sent no heartbeat for %.1fs (timeout %.0fs): its "
+                          "event loop is blocked; aborting it (its stack follows on stderr)",
+                          record.slot, record.pid, silent, timeout)
+                record.aborted_at = now
+                _kill(record.pid, signal.SIGABRT)
+            elif record.aborted_at is not None and now - record.aborted_at > ABORT_GRACE:
                 _kill(record.pid, signal.SIGKILL)
 
     def _signal_workers(self, signum: int) -> None:
@@ -295,21 +332,39 @@ class Master:
             _kill(pid, signum)
 
 
+# Exit reasons a worker announces before leaving on purpose (its "draining" message).
+CLEAN_EXITS = ("clean", "recycled", "drained", "stopped", "orphaned", "retired")
+# Signals that come from outside (an operator, the OOM killer, us), not from a bug in the worker.
+EXTERNAL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
 def classify_exit(status: int, record: WorkerRecord) -> tuple[str, str]:
     """(classification, human detail) for a reaped worker's wait status."""
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
-        if record.killed_as_hung:
+        if record.aborted_at is not None:
             return "killed_as_hung", f"was killed as hung ({name})"
-        return "killed", f"was killed by signal {signum} ({name})"
+        if signum in EXTERNAL_SIGNALS:
+            return "killed", f"was killed by signal {signum} ({name})"
+        return "crashed", f"crashed with signal {signum} ({name})"
     code = os.WEXITSTATUS(status)
     if code == 0:
-        reason = record.exit_reason or "exited"
-        return ("drained" if record.exit_reason else "clean"), f"exited cleanly ({reason})"
+        reason = record.exit_reason if record.exit_reason in CLEAN_EXITS else "clean"
+        return reason, f"exited cleanly ({reason})"
     if code == EXIT_BOOT_ERROR:
         return "boot_error", f"could not load the app (exit {code})"
     return "crashed", f"crashed (exit {code})"
+
+
+def is_early_death(record: WorkerRecord, classification: str, now: float) -> bool:
+    """Did this worker die of itself before, or soon after, becoming ready (a crash loop)?
+
+    A kill from outside (an operator, the OOM killer) is never the app's fault.
+    """
+    if classification in CLEAN_EXITS or classification == "killed":
+        return False
+    return record.ready_at is None or now - record.ready_at < CRASH_WINDOW
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -66,9 +66,15 @@ class CallResult:
     uuid: str = ""
     first_byte_ms: float | None = None   # TCP connect → `connect` received
     duration_ms: float = 0.0
-    served_by: int | None = None          # the worker pid, when the app reports it
+    variables: dict[str, str] = field(default_factory=dict)   # set by the `set` app
     commands: list[str] = field(default_factory=list)
     ended_at: float = 0.0
+
+    @property
+    def served_by(self) -> int | None:
+        """The worker pid, when the app reported it (``set gateway_worker_pid=<pid>``)."""
+        pid = self.variables.get(WORKER_PID_VARIABLE, "")
+        return int(pid) if pid.isdigit() else None
 
 
 class _CallEnded(Exception):
@@ -284,9 +290,9 @@ class SimulatedCall:
             arg = headers.get("execute-app-arg")
             if arg is None and command.body is not None:
                 arg = command.body.decode("utf-8", "replace")
-            if app == "set" and arg and arg.startswith(WORKER_PID_VARIABLE + "="):
-                value = arg.split("=", 1)[1]
-                self.result.served_by = int(value) if value.isdigit() else None
+            if app == "set" and arg and "=" in arg:
+                name, value = arg.split("=", 1)
+                self.result.variables[name] = value
             if self.options.socket_mode == "static":
                 self._run_app_inline(app, arg or "", headers.get("Event-UUID"))
                 return

@@ -8,10 +8,11 @@ def start_gateway(tmp_path):
     """Start real esl-gateway masters for a test; all of them are stopped afterwards."""
     started = []
 
-    def start(app="reporting_ivr:handle", workers=2, args=(), env=None, wait_ready=True):
+    def start(app="reporting_ivr:handle", workers=2, args=(), env=None, wait_ready=True,
+              max_open_files=None):
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
-        gateway = GatewayProcess(workdir, app, workers, args, env)
+        gateway = GatewayProcess(workdir, app, workers, args, env, max_open_files)
         started.append(gateway)
         return gateway.start(wait_ready)
 

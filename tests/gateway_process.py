@@ -2,7 +2,8 @@
 
 The master binds port 0 and logs the address it got; the test reads it from the log file (stderr
 goes to a file, so a chatty gateway can never block on a full pipe). Every wait is for a condition
-in that log or in /proc, with a deadline. The master runs in its own process group so ``stop()``
+in that log or in /proc, with a deadline, and waits cooperatively (gevent.sleep) so simulated calls
+running in the test's greenlets keep going meanwhile. The master runs in its own process group so ``stop()``
 can always clean up every worker, even after a test failure.
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import gevent
 
 APPS = Path(__file__).parent / "apps"
 ROOT = Path(__file__).parent.parent
@@ -26,7 +30,9 @@ def gateway_command() -> list[str]:
 
 
 class GatewayProcess:
-    def __init__(self, workdir: Path, app: str, workers: int = 2, args=(), env=None):
+    def __init__(self, workdir: Path, app: str, workers: int = 2, args=(), env=None,
+                 max_open_files: int | None = None):
+        self.max_open_files = max_open_files
         self.workdir, self.app, self.workers, self.args = workdir, app, workers, list(args)
         self.log_path = workdir / "gateway.log"
         self.record_path = workdir / "handlers.txt"
@@ -41,12 +47,21 @@ class GatewayProcess:
                 [*gateway_command(), "run", "-b", "127.0.0.1:0", "-w", str(self.workers),
                  *self.args, self.app],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                start_new_session=True)
+                start_new_session=True, preexec_fn=self._limit_open_files)
         if wait_ready:
             match = self.wait_for_log(r"Listening at: 127\.0\.0\.1:(\d+)")
             self.address = ("127.0.0.1", int(match[-1].group(1)))
             self.wait_for_log(r"ready, generation", count=self.workers)
         return self
+
+    def _limit_open_files(self) -> None:
+        if self.max_open_files:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files,) * 2)
+
+    def cpu_seconds(self, pid: int | None = None) -> float:
+        """User + system CPU time of a process so far, from /proc."""
+        fields = Path(f"/proc/{pid or self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     @property
     def pid(self) -> int:
@@ -69,7 +84,7 @@ class GatewayProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{pattern!r} seen {len(matches)}/{count} times in "
                                      f"{timeout}s; log:\n{self.log()[-4000:]}")
-            time.sleep(0.02)
+            gevent.sleep(0.02)
 
     def worker_pids(self) -> list[int]:
         path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
@@ -98,7 +113,7 @@ class GatewayProcess:
                 stuck = started - {uuid for _, uuid, _, _ in ended}
                 raise AssertionError(f"{len(stuck)} of {len(started)} handlers never returned "
                                      f"within {timeout}s, e.g. {sorted(stuck)[:3]}")
-            time.sleep(0.02)
+            gevent.sleep(0.02)
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)

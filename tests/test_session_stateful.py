@@ -39,8 +39,13 @@ from gateway import protocol
 from gateway.session import Session, SessionClosed, SessionSettings
 from tests.fakefs import CALL_UUID, Background, FakeFS, socketpair
 
-WAIT = 2.0            # no single wait (a reply, an event, the hub settling) may take longer
-COMMAND_TIMEOUT = 10.0   # longer than WAIT: our assertion fires before the session gives up
+WAIT = 2.0               # bound on any wait for something that must happen (connect, a write)
+# How long a reply or event that is fully on the wire may still be missing once the hub is idle.
+# gevent.idle() returns only when no socket, timer or greenlet is ready, so by then the reader
+# has consumed everything written and every woken caller has run: this slack is a safety margin,
+# kept short because a desync makes every example Hypothesis shrinks through wait it out.
+SLACK = 0.2
+COMMAND_TIMEOUT = 10.0   # far longer than SLACK: our assertion fires before the session gives up
 EVENT_NAMES = ("CUSTOM", "CHANNEL_STATE", "DTMF")
 KINDS = ("api", "send")   # api -> api/response (body), send -> command/reply (Reply-Text)
 
@@ -148,6 +153,11 @@ class SessionMachine(RuleBasedStateMachine):
             self.out += protocol.reply_frame(self.expected[n])
         self.reply_ends[n] = self.queued_end
 
+    def pump(self) -> None:
+        """Let the hub run until it is idle: written bytes read, dispatched, waiters resumed."""
+        for _ in range(3):
+            gevent.idle()
+
     def settle(self) -> None:
         """Safety now, then liveness: every command whose reply is written completes, correctly."""
         for n, (_, job) in self.jobs.items():
@@ -155,8 +165,8 @@ class SessionMachine(RuleBasedStateMachine):
                 assert self.delivered_reply(n), (
                     f"command {n} completed before its reply was (fully) written: "
                     f"value={job.value!r} error={job.error!r}")
-        deadline = time.monotonic() + WAIT
-        spins = 0
+        self.pump()
+        deadline = time.monotonic() + SLACK
         while True:
             waiting = [n for n, (_, job) in self.jobs.items()
                        if self.delivered_reply(n) and not job.ready()]
@@ -165,8 +175,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert time.monotonic() < deadline, (
                 f"commands {waiting} have their replies on the wire but did not complete "
                 f"(session closed={self.session.closed}: {self.session.close_reason})")
-            gevent.sleep(0 if spins < 20 else 0.001)
-            spins += 1
+            gevent.sleep(0.001)
         for n, (kind, job) in self.jobs.items():
             if job.ready():
                 assert job.error is None, f"{kind} command {n} raised {job.error!r}"
@@ -261,11 +270,12 @@ class SessionMachine(RuleBasedStateMachine):
     @guarded
     def consume_events(self, k):
         """The handler pulls up to k events; it may get only those fully written."""
+        self.pump()
         for _ in range(k):
             if len(self.consumed) < self.delivered_events():
-                self.check_event(self.session.next_event(timeout=WAIT), len(self.consumed))
+                self.check_event(self.session.next_event(timeout=SLACK), len(self.consumed))
             else:
-                event = self.session.next_event(timeout=0.002)
+                event = self.session.next_event(timeout=0)
                 assert event is None, (
                     f"got {event!r} (Event-Sequence {event.get('Event-Sequence')!r}) before "
                     f"it was fully written; consumed so far {self.consumed[-5:]}")
@@ -303,8 +313,9 @@ class SessionMachine(RuleBasedStateMachine):
         for n, (kind, job) in self.jobs.items():
             assert job.ready() and job.value == self.expected[n], (kind, n, job.value, job.error)
         while len(self.consumed) < len(self.events):
-            self.check_event(session.next_event(timeout=WAIT), len(self.consumed))
-        assert session.next_event(timeout=0.005) is None, "an event nobody sent"
+            self.check_event(session.next_event(timeout=SLACK), len(self.consumed))
+        self.pump()
+        assert session.next_event(timeout=0) is None, "an event nobody sent"
         assert self.consumed == list(range(len(self.events)))
         assert session.counters.protocol_errors == 0
         assert not session.closed, f"session closed: {session.close_reason}"

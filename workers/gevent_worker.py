@@ -9,15 +9,19 @@ msgpack (gateway.ipc), batched once a second; nothing on the call path talks to 
 from __future__ import annotations
 
 import errno
+import faulthandler
 import logging
 import os
+import random
 import signal
 import socket as stdlib_socket
 import time
 import traceback
+import warnings
 
 import gevent
-from gevent import monkey
+import zope.event
+from gevent import events, monkey
 from gevent.event import Event as Flag
 from gevent.lock import Semaphore
 from gevent.pool import Pool
@@ -29,13 +33,15 @@ from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, set_title
 
 log = logging.getLogger("esl_gateway.worker")
 
-HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_INTERVAL = 1.0   # at most; a short --timeout needs several heartbeats within it
 # Accept failures such as EMFILE would repeat at once; back off instead of spinning the CPU.
 ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX = 0.01, 1.0
 ACCEPT_RETRYABLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # Errors about one connection that died in the queue: skip it and accept the next.
 ACCEPT_SKIPPABLE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
+ACCEPT_ERROR_LOG_INTERVAL = 10.0   # at most one accept-error log line per interval
 QUICK_STOP_SECONDS = 2.0
+MAX_BLOCKING_REPORT = 1.0   # gevent's monitor logs the stack of a loop blocked this long
 KEEPALIVE = ((stdlib_socket.TCP_KEEPIDLE, 30), (stdlib_socket.TCP_KEEPINTVL, 10),
              (stdlib_socket.TCP_KEEPCNT, 3))
 
@@ -49,17 +55,30 @@ class GeventWorker:
         self.handler_exceptions = 0
         self.calls_failed = 0
         self.accept_errors = 0
+        self.longest_block = 0.0
         self.started = time.time()
         self.sessions: set[Session] = set()
         self._stop = Flag()
         self._graceful = True
         self._stop_reason = ""
+        self._stop_detail = ""
+        self._accept_errors_logged_at = 0.0
+        self._accept_errors_unlogged = 0
         self._send_lock = Semaphore()
         self._warned_not_full = False
 
     # -- life cycle -------------------------------------------------------------------------
 
     def run(self) -> int:
+        # A blocked loop is found twice over: gevent's monitor thread writes the blocking
+        # greenlet's stack after MAX_BLOCKING_REPORT, and at --timeout the master sends SIGABRT,
+        # on which faulthandler writes every thread's stack. Both go to stderr (journald).
+        faulthandler.enable()
+        gevent.config.monitor_thread = True
+        gevent.config.max_blocking_time = MAX_BLOCKING_REPORT
+        # Its optional memory monitor needs psutil, which we do not use: not worth a warning.
+        warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
+        zope.event.subscribers.append(self._on_gevent_event)
         monkey.patch_all()
         from gevent import socket as gsocket   # after patching: the cooperative socket type
         self._gsocket = gsocket
@@ -79,6 +98,8 @@ class GeventWorker:
             max_frame_size=self.config.max_frame_size,
             max_queued_events=self.config.max_queued_events)
         self.pool = Pool(self.config.worker_connections)
+        self.max_calls = (self.config.max_calls + random.randint(0, self.config.max_calls_jitter)
+                          if self.config.max_calls else 0)
         self.listeners = [gsocket.socket(fileno=sock.detach()) for sock in self.spec.listeners]
         self.acceptors = [gevent.spawn(self._accept_loop, sock) for sock in self.listeners]
         gevent.spawn(self._heartbeat_loop)
@@ -99,18 +120,24 @@ class GeventWorker:
         # The master's own signals mean nothing here; a stray one must not kill calls.
         for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-        gevent.signal_handler(signal.SIGTERM, self.stop, "asked to stop (SIGTERM)", True)
-        gevent.signal_handler(signal.SIGQUIT, self.stop, "asked to quit (SIGQUIT)", False)
-        gevent.signal_handler(signal.SIGINT, self.stop, "interrupted (SIGINT)", False)
+        gevent.signal_handler(signal.SIGTERM, self.stop, "drained", "asked to stop (SIGTERM)",
+                              True)
+        gevent.signal_handler(signal.SIGQUIT, self.stop, "stopped", "asked to quit (SIGQUIT)",
+                              False)
+        gevent.signal_handler(signal.SIGINT, self.stop, "stopped", "interrupted (SIGINT)", False)
 
-    def stop(self, reason: str, graceful: bool) -> None:
-        """Stop accepting; graceful keeps calls until they end, quick closes them now."""
+    def stop(self, reason: str, detail: str, graceful: bool) -> None:
+        """Stop accepting; graceful keeps calls until they end, quick closes them now.
+
+        ``reason`` is the exit's classification for the master: drained, stopped, recycled or
+        orphaned.
+        """
         if self._stop.is_set():
             self._graceful = self._graceful and graceful   # a quick stop overrides a graceful one
             if not graceful:
                 self.pool.kill(block=False)
             return
-        self._stop_reason, self._graceful = reason, graceful
+        self._stop_reason, self._stop_detail, self._graceful = reason, detail, graceful
         self._stop.set()
 
     def _drain(self) -> int:
@@ -118,9 +145,11 @@ class GeventWorker:
             acceptor.kill()
         for sock in self.listeners:
             sock.close()   # our copy only: the master keeps the socket and its queue alive
+        # Tell the master first: it starts this slot's replacement while we drain.
+        self._send("draining", reason=self._stop_reason)
         active = len(self.pool)
         log.info("worker %d (pid %d) %s; %s %d call(s)", self.spec.slot, os.getpid(),
-                 self._stop_reason, "draining" if self._graceful else "closing", active)
+                 self._stop_detail, "draining" if self._graceful else "closing", active)
         self._title("draining")
         timeout = self.config.graceful_timeout if self._graceful else 0
         if not self.pool.join(timeout=timeout):
@@ -129,7 +158,6 @@ class GeventWorker:
                             "the graceful timeout" if self._graceful else "a quick stop")
             self.pool.kill(timeout=QUICK_STOP_SECONDS)
         self._send_heartbeat()
-        self._send("exiting", reason=self._stop_reason)
         return EXIT_OK
 
     # -- calls ------------------------------------------------------------------------------
@@ -146,17 +174,28 @@ class GeventWorker:
                 self.accept_errors += 1
                 if exc.errno in ACCEPT_SKIPPABLE:
                     continue
-                level = logging.WARNING if backoff < ACCEPT_BACKOFF_MAX else logging.DEBUG
-                log.log(level, "worker %d: accept failed (%s); retrying in %.2fs",
-                        self.spec.slot, exc, backoff)
+                self._log_accept_error(exc, backoff)
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
                 continue
             backoff = ACCEPT_BACKOFF_MIN
+            self.calls_total += 1
             self.pool.spawn(self._serve_call, conn)
+            if self.max_calls and self.calls_total >= self.max_calls:
+                self.stop("recycled", f"served its {self.max_calls} calls (--max-calls)", True)
+
+    def _log_accept_error(self, exc: OSError, backoff: float) -> None:
+        """One line per ACCEPT_ERROR_LOG_INTERVAL, with how many were not logged meanwhile."""
+        now = time.monotonic()
+        if now - self._accept_errors_logged_at < ACCEPT_ERROR_LOG_INTERVAL:
+            self._accept_errors_unlogged += 1
+            return
+        log.warning("worker %d: accept failed: %s (%d more since the last report); backing off "
+                    "%.2fs, the listening socket stays open and calls wait in its queue",
+                    self.spec.slot, exc, self._accept_errors_unlogged, backoff)
+        self._accept_errors_logged_at, self._accept_errors_unlogged = now, 0
 
     def _serve_call(self, conn) -> None:
-        self.calls_total += 1
         conn.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
         conn.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE, 1)
         for option, value in KEEPALIVE:
@@ -201,16 +240,23 @@ class GeventWorker:
     # -- the master -------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
+        interval = min(HEARTBEAT_INTERVAL, (self.config.timeout or HEARTBEAT_INTERVAL) / 4)
         while True:
             self._send_heartbeat()
-            gevent.sleep(HEARTBEAT_INTERVAL)
+            gevent.sleep(interval)
 
     def _send_heartbeat(self) -> None:
         counters = self.counters
         self._send("hb", active=len(self.pool), calls=self.calls_total,
                    failed=self.calls_failed, handler_exceptions=self.handler_exceptions,
                    protocol_errors=counters.protocol_errors, events=counters.events,
-                   commands=counters.commands, accept_errors=self.accept_errors)
+                   commands=counters.commands, accept_errors=self.accept_errors,
+                   longest_block_ms=int(self.longest_block * 1000))
+
+    def _on_gevent_event(self, event) -> None:
+        """Runs in gevent's monitor thread: only record, the stack is already on stderr."""
+        if isinstance(event, events.EventLoopBlocked):
+            self.longest_block = max(self.longest_block, event.blocking_time)
 
     def _watch_master(self) -> None:
         """EOF on our socketpair means the master is gone: drain rather than serve unsupervised."""
@@ -220,7 +266,7 @@ class GeventWorker:
             except OSError:
                 data = b""
             if not data:
-                self.stop("lost its master", True)
+                self.stop("orphaned", "lost its master", True)
                 return
 
     def _send(self, kind: str, **fields) -> None:

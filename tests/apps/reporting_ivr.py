@@ -25,9 +25,13 @@ def record(session, status, started):
             os.close(fd)
 
 
-def ivr(session):
+def subscribe_and_report(session):
+    """Events on, and the simulator told which worker serves this call."""
     session.myevents()
     session.execute("set", f"{WORKER_PID_VARIABLE}={os.getpid()}")
+
+
+def ivr(session):
     session.answer()
     session.playback("ivr/ivr-welcome.wav")
     session.hangup()
@@ -38,6 +42,7 @@ def handle(session):
     started = time.monotonic()
     record(session, "started", started)
     try:
+        subscribe_and_report(session)
         ivr(session)
     except BaseException as exc:   # SessionClosed/CallHungUp included: the caller hung up
         record(session, type(exc).__name__, started)

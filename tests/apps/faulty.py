@@ -1,0 +1,50 @@
+"""Test apps that misbehave on purpose, to prove one call's failure stays that call's.
+
+Each tells the simulator its worker's pid and the fate it drew (``set`` variables), so the test can
+attribute every failed call exactly.
+"""
+
+import os
+import random
+import time
+
+from gevent import monkey
+
+from reporting_ivr import ivr, subscribe_and_report
+
+
+def handle(session):
+    """1 % of calls kill their worker (os._exit), 10 % raise; the rest are ordinary IVR calls."""
+    draw = random.random()
+    fate = "exit" if draw < 0.01 else "raise" if draw < 0.11 else "ok"
+    subscribe_and_report(session)
+    session.execute("set", f"test_fate={fate}")
+    if fate == "exit":
+        os._exit(1)
+    if fate == "raise":
+        raise RuntimeError(f"deliberate failure in call {session.uuid}")
+    ivr(session)
+
+
+def spin_without_yielding(seconds):
+    """A handler bug that blocks the whole event loop: the real time.sleep, not gevent's."""
+    monkey.get_original("time", "sleep")(seconds)
+
+
+def handle_blocking(session):
+    """Blocks the worker's loop for 60 s when ./block-once exists (the test creates it)."""
+    subscribe_and_report(session)
+    if os.path.exists("block-once"):
+        os.remove("block-once")
+        spin_without_yielding(60)
+    ivr(session)
+
+
+def handle_slow_io(session):
+    """Waits on I/O (cooperatively) for 4 s: slow, but the worker's loop keeps ticking."""
+    subscribe_and_report(session)
+    started = time.monotonic()
+    session.api("status")                        # one round trip, then a long cooperative wait
+    while time.monotonic() - started < 4:
+        session.next_event(timeout=0.5)
+    ivr(session)

@@ -1,0 +1,226 @@
+"""No failure of a worker or a call ever reaches FreeSWITCH as a refused connection.
+
+Real master, real workers, real signals and faults; every call counted by the simulator.
+"""
+
+import ctypes
+import os
+import random
+import re
+import signal
+import socket
+import time
+from datetime import datetime
+
+import gevent
+import pytest
+
+from gateway.backoff import RespawnBackoff
+from gateway.simulator import CallOptions, SimulatedCall, run_load
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def wait_until(condition, timeout, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        gevent.sleep(0.02)
+
+
+def start_calls(address, count, playback_ms):
+    """Calls that are all inside a playback when this returns."""
+    calls = [SimulatedCall(address, CallOptions(playback_ms=playback_ms), random.Random(i))
+             for i in range(count)]
+    running = [gevent.spawn(call.run) for call in calls]
+    wait_until(lambda: all(c.running_app and c.running_app[0] == "playback" for c in calls), 10,
+               "every call in its playback")
+    return calls, running
+
+
+def log_times(gateway, pattern):
+    """Timestamps of the log lines matching ``pattern``."""
+    stamps = []
+    for line in gateway.log().splitlines():
+        if re.search(pattern, line):
+            stamps.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return stamps
+
+
+def test_faulty_app_fails_only_its_own_calls(start_gateway):
+    """10 % of calls raise, 1 % kill their worker with os._exit: 0 refused, 0 timeouts, and every
+    failure is a raising call or a call in flight on a worker that died."""
+    gateway = start_gateway(app="faulty:handle", workers=2)
+    result = run_load(gateway.address, calls=800, rate=80, seed=21,
+                      options=CallOptions(playback_ms=50))
+    counts = result.counts()
+    died = {int(pid) for pid in re.findall(r"\(pid (\d+), gen \d+\) crashed \(exit 1\)",
+                                           gateway.log())}
+    clock_offset = time.time() - time.monotonic()
+    deaths = [t - clock_offset for t in log_times(gateway, r"crashed \(exit 1\)")]
+    fate = {r.uuid: r.variables.get("test_fate") for r in result.results}
+    print("\nfaulty app:", counts, f"raised={list(fate.values()).count('raise')}",
+          f"exited={list(fate.values()).count('exit')} workers died={len(died)}")
+    assert counts["refused"] == 0 and counts["timeout"] == 0 and counts["protocol_error"] == 0
+    # Two calls on one worker may both draw "exit" before the first os._exit lands.
+    assert died == {r.served_by for r in result.results if fate[r.uuid] == "exit"} != set()
+    for call in result.failures():
+        on_dead_worker = call.served_by in died or (
+            call.served_by is None and any(-0.5 < call.ended_at - t < 1.0 for t in deaths))
+        assert fate[call.uuid] == "raise" or on_dead_worker, call
+    survivors = [r for r in result.results if r.served_by not in died]
+    assert all(r.outcome == "completed" for r in survivors if fate[r.uuid] == "ok")
+    # A raising call's traceback is logged, unless a sibling's os._exit killed its worker first.
+    logged = set(re.findall(r"RuntimeError: deliberate failure in call (\S+)", gateway.log()))
+    assert {r.uuid for r in survivors if fate[r.uuid] == "raise"} <= logged
+    assert all(fate[uuid] == "raise" for uuid in logged)
+    assert gateway.proc.poll() is None
+
+
+def test_blocked_worker_is_replaced_with_its_stack_logged(start_gateway):
+    """A handler that blocks the event loop past --timeout gets its worker killed and replaced;
+    the blocking stack reaches the log; the other worker serves on."""
+    gateway = start_gateway(app="faulty:handle_blocking", workers=2, args=["--timeout", "2"])
+    (gateway.workdir / "block-once").touch()
+    blocked = gevent.spawn(SimulatedCall(gateway.address, CallOptions(), random.Random(1)).run)
+    gateway.wait_for_log(r"event loop is blocked; aborting it", timeout=15)
+    gateway.wait_for_log(r"was killed as hung \(SIGABRT\)", timeout=10)
+    gateway.wait_for_log(r"ready, generation", count=3)
+    log = gateway.log()
+    assert "spin_without_yielding" in log          # gevent's monitor report and faulthandler
+    assert blocked.get(timeout=10).outcome in ("early_close", "reset")
+    result = run_load(gateway.address, calls=50, rate=50)
+    assert result.counts()["completed"] == 50
+
+
+def test_slow_io_is_not_a_hung_worker(start_gateway):
+    """A handler waiting on I/O for longer than --timeout keeps its worker alive."""
+    gateway = start_gateway(app="faulty:handle_slow_io", workers=1, args=["--timeout", "1"])
+    pids = gateway.worker_pids()
+    result = run_load(gateway.address, calls=3, concurrency=3)
+    assert result.counts()["completed"] == 3
+    assert gateway.worker_pids() == pids
+    assert "blocked" not in gateway.log()
+
+
+def test_crash_loop_backs_off_while_the_other_worker_serves(start_gateway):
+    """A slot whose new workers die at boot is respawned with growing delays (1 s, 1.5 s,
+    2.25 s ...), the master stays idle, the port stays bound and the other slot serves."""
+    gateway = start_gateway(app="crashloop:handle", workers=2)
+    (gateway.workdir / "crash-on-boot").touch()
+    master_cpu = gateway.cpu_seconds()
+    os.kill(gateway.worker_pids()[0], signal.SIGKILL)
+    started = time.monotonic()
+    # Meanwhile calls keep coming, and the surviving worker takes every one of them.
+    calls = gevent.spawn(run_load, gateway.address, 200, 25, None, CallOptions(), 22)
+    gateway.wait_for_log(r"could not load the app", count=5, timeout=30)
+    elapsed = time.monotonic() - started
+    result = calls.get(timeout=30)
+    assert result.counts()["completed"] == 200, result.counts()
+    deaths = log_times(gateway, r"could not load the app")
+    gaps = [b - a for a, b in zip(deaths, deaths[1:])]
+    print("\ncrash loop gaps:", [round(g, 2) for g in gaps])
+    for gap, delay in zip(gaps, (0.0, 1.0, 1.5, 2.25)):
+        assert delay <= gap < delay + 1.0, gaps
+    gateway.wait_for_log(r"slot \d is crash-looping: 4 early deaths in a row")
+    assert gateway.cpu_seconds() - master_cpu < 0.05 * elapsed + 0.2
+    # Fixed deploy: the next attempt succeeds and the slot is back.
+    (gateway.workdir / "crash-on-boot").unlink()
+    gateway.wait_for_log(r"ready, generation", count=3, timeout=15)
+
+
+@pytest.mark.parametrize("delays, expected", [
+    ((True,) * 6, [0.0, 1.0, 1.5, 2.25, 3.375, 5.0625]),
+    ((True,) * 14, [0.0] + [min(1.5 ** k, 30.0) for k in range(13)]),
+    ((True, True, False, True), [0.0, 1.0, 0.0, 0.0]),
+])
+def test_backoff_schedule(delays, expected):
+    """Exponential, einhorn-style, capped at 30 s; a healthy life resets the slot."""
+    backoff = RespawnBackoff()
+    got = [backoff.record_exit(1, early, now=100.0) for early in delays]
+    assert got == pytest.approx(expected)
+
+
+def test_full_worker_leaves_calls_in_the_queue_for_others(start_gateway):
+    """At --worker-connections a worker stops accepting; the call waits in the kernel queue and
+    is served (never accepted-then-dropped) when a slot frees up."""
+    gateway = start_gateway(workers=2, args=["--worker-connections", "2"])
+    calls, running = start_calls(gateway.address, 4, playback_ms=1500)
+    served = [c.result.served_by for c in calls]
+    assert sorted(served.count(pid) for pid in set(served)) == [2, 2], served
+    fifth = SimulatedCall(gateway.address, CallOptions(), random.Random(5))
+    fifth_started = time.monotonic()
+    fifth_result = gevent.spawn(fifth.run).get(timeout=20)
+    first_ended = min(g.get(timeout=20).ended_at for g in running)
+    assert fifth_result.outcome == "completed"
+    assert fifth_started + fifth_result.first_byte_ms / 1000 >= first_ended - 0.05
+
+
+def test_max_calls_recycles_workers_without_cutting_a_call(start_gateway):
+    """--max-calls: a worker that has taken N calls drains and is replaced at once."""
+    gateway = start_gateway(workers=2, args=["--max-calls", "20", "--max-calls-jitter", "5"])
+    result = run_load(gateway.address, calls=300, rate=100, seed=23,
+                      options=CallOptions(playback_ms=50))
+    assert result.counts()["completed"] == 300, result.counts()
+    served = [r.served_by for r in result.results]
+    assert max(served.count(pid) for pid in set(served)) <= 25
+    recycled = gateway.wait_for_log(r"exited cleanly \(recycled\)", count=10)
+    print(f"\nmax-calls: {len(set(served))} workers served 300 calls, {len(recycled)}+ recycled")
+
+
+def test_emfile_backs_off_without_spinning_or_unbinding(start_gateway):
+    """Accept failing with EMFILE (a low RLIMIT_NOFILE) neither spins the CPU nor closes the
+    listener: the extra calls wait in the queue and are served once descriptors free up."""
+    # The example app opens no files: every descriptor the limit allows goes to calls.
+    gateway = start_gateway(app="gateway.examples.ivr:handle", workers=1, max_open_files=40)
+    worker = gateway.worker_pids()[0]
+    calls = [SimulatedCall(gateway.address, CallOptions(playback_ms=2000), random.Random(i))
+             for i in range(60)]
+    running = [gevent.spawn(call.run) for call in calls]
+    gateway.wait_for_log(r"accept failed: \[Errno 24\] Too many open files")
+    cpu_before, wall_before = gateway.cpu_seconds(worker), time.monotonic()
+    gevent.sleep(1.0)
+    cpu_used = gateway.cpu_seconds(worker) - cpu_before
+    results = [greenlet.get(timeout=30) for greenlet in running]
+    outcomes = [r.outcome for r in results]
+    print(f"\nEMFILE: worker CPU {cpu_used:.3f}s in {time.monotonic() - wall_before:.1f}s "
+          f"while starved; outcomes {set(outcomes)}")
+    assert cpu_used < 0.2
+    assert outcomes == ["completed"] * 60
+    assert len(re.findall(r"accept failed", gateway.log())) <= 3   # rate-limited
+    assert gateway.worker_pids() == [worker]
+
+
+def test_ttin_ttou_add_and_drain_a_worker(start_gateway):
+    """TTIN adds a worker; TTOU retires one, which drains its calls before leaving."""
+    gateway = start_gateway(workers=1)
+    gateway.signal(signal.SIGTTIN)
+    gateway.wait_for_log(r"ready, generation", count=2)
+    assert len(gateway.worker_pids()) == 2
+    calls, running = start_calls(gateway.address, 6, playback_ms=800)
+    gateway.signal(signal.SIGTTOU)
+    gateway.wait_for_log(r"exited cleanly \(drained\)", timeout=15)
+    assert [g.get(timeout=15).outcome for g in running] == ["completed"] * 6
+    assert len(gateway.worker_pids()) == 1
+
+
+def test_master_death_workers_finish_calls_then_unbind(start_gateway):
+    """If the master dies, workers stop accepting, finish their calls and exit: no orphan keeps
+    serving the port unsupervised."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0   # adopt (and reap) the orphans
+    try:
+        gateway = start_gateway(workers=2)
+        workers = gateway.worker_pids()
+        calls, running = start_calls(gateway.address, 6, playback_ms=1000)
+        os.kill(gateway.pid, signal.SIGKILL)
+        gateway.wait_exit(5)
+        assert [g.get(timeout=15).outcome for g in running] == ["completed"] * 6
+        for pid in workers:
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        gateway.wait_for_log(r"lost its master; draining", count=2)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(gateway.address, timeout=2)
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
