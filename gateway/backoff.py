@@ -17,13 +17,15 @@ CRASH_WINDOW = 5.0   # a crash this soon after becoming ready still counts as a 
 
 
 class RespawnBackoff:
+    """Respawn delays per worker slot; a slot is any hashable key, e.g. (generation, slot)."""
+
     def __init__(self, base: float = BASE_DELAY, factor: float = FACTOR,
                  cap: float = MAX_DELAY):
         self.base, self.factor, self.cap = base, factor, cap
-        self.failures: dict[int, int] = {}   # slot -> early deaths in a row
-        self.not_before: dict[int, float] = {}
+        self.failures: dict = {}      # slot -> early deaths in a row
+        self.not_before: dict = {}    # slot -> monotonic time of its next allowed spawn
 
-    def record_exit(self, slot: int, early: bool, now: float) -> float:
+    def record_exit(self, slot, early: bool, now: float) -> float:
         """Note a worker's death; return how long the slot must wait before its next spawn."""
         if not early:
             self.failures.pop(slot, None)
@@ -34,7 +36,7 @@ class RespawnBackoff:
         self.not_before[slot] = now + delay
         return delay
 
-    def may_spawn(self, slot: int, now: float) -> bool:
+    def may_spawn(self, slot, now: float) -> bool:
         return now >= self.not_before.get(slot, 0.0)
 
     def next_spawn_in(self, now: float) -> float | None:
@@ -42,7 +44,8 @@ class RespawnBackoff:
         waits = [at - now for at in self.not_before.values() if at > now]
         return min(waits) if waits else None
 
-    def forget_slots_above(self, count: int) -> None:
-        for slot in [s for s in self.failures if s > count]:
+    def retain(self, slots) -> None:
+        """Forget every slot not in ``slots`` (gone generations, removed workers)."""
+        for slot in [s for s in self.failures if s not in slots]:
             self.failures.pop(slot, None)
             self.not_before.pop(slot, None)

@@ -109,6 +109,14 @@ SETTINGS: tuple[Setting, ...] = (
             help="Linger time sent on every `full` socket before the handler runs, so "
                  "CHANNEL_HANGUP_COMPLETE arrives (a bare `linger` would pin the call inside "
                  "FreeSWITCH for ever)."),
+    Setting("ready_timeout", non_negative_float, 60.0, ("--ready-timeout",), metavar="SECONDS",
+            help="How long a reload or upgrade waits for its new workers to be ready; then it "
+                 "is abandoned and the old generation keeps serving."),
+    Setting("max_generations", positive_int, 4, ("--max-generations",), metavar="N",
+            help="Generations of workers that may run at once (the serving one and those "
+                 "draining after reloads); beyond it the oldest is closed, its calls cut."),
+    Setting("pidfile", str, None, ("-p", "--pidfile"), metavar="FILE",
+            help="Write the master's PID here (for `esl-gateway reload|upgrade -p FILE`)."),
     Setting("max_frame_size", positive_int, 8 * 1024 * 1024, ("--max-frame-size",),
             metavar="BYTES", help="Largest frame accepted from FreeSWITCH; a larger one closes "
                                   "that call as a protocol error."),

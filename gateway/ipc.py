@@ -1,31 +1,57 @@
-"""Messages between workers and the master: msgpack maps on a stream socket, sans-IO.
+"""Messages between workers and the master: length-prefixed msgpack maps, sans-IO.
 
-Each message is a map with a ``t`` (type) key. Workers send:
+Each message is a 4-byte big-endian length and a msgpack map with a ``t`` (type) key. The framing
+is ours, not msgpack's streaming unpacker, so the bytes of a half-received message can be handed
+to the next master image across an in-place upgrade. Workers send:
 
 * ``ready``: the app is imported and the worker accepts calls;
-* ``hb``: heartbeat with the worker's counters (batched: one message a second, not one per event);
-* ``exiting``: the worker is leaving on purpose, with its reason (drained, master gone, ...);
-* ``boot_error`` / ``crash``: the traceback that is about to kill the worker.
+* ``hb``: heartbeat with the worker's counters (batched: about once a second, not per event);
+* ``draining``: the worker stopped accepting and is finishing its calls, with its reason
+  (drained, stopped, recycled, orphaned), so the master can start its replacement at once;
+* ``boot_error`` / ``crash``: the traceback that is about to end the worker.
 """
 
 from __future__ import annotations
 
+import struct
+
 import msgpack
 
-MAX_MESSAGE_BUFFER = 1024 * 1024
+HEADER = struct.Struct(">I")
+MAX_MESSAGE = 1024 * 1024
+
+
+class IPCError(Exception):
+    """A worker sent bytes that are not our framing: its channel cannot be trusted any more."""
 
 
 def pack(kind: str, **fields) -> bytes:
     fields["t"] = kind
-    return msgpack.packb(fields, use_bin_type=True)
+    payload = msgpack.packb(fields, use_bin_type=True)
+    return HEADER.pack(len(payload)) + payload
 
 
 class MessageReader:
     """Feed bytes from a worker's socket, get complete messages (dicts) back."""
 
-    def __init__(self):
-        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE_BUFFER)
+    def __init__(self, pending: bytes = b""):
+        self.pending = bytearray(pending)   # bytes of a message not complete yet
 
     def feed(self, data: bytes) -> list[dict]:
-        self._unpacker.feed(data)
-        return [message for message in self._unpacker if isinstance(message, dict)]
+        self.pending += data
+        messages = []
+        while len(self.pending) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self.pending)
+            if length > MAX_MESSAGE:
+                raise IPCError(f"message of {length} bytes exceeds {MAX_MESSAGE}")
+            end = HEADER.size + length
+            if len(self.pending) < end:
+                break
+            try:
+                message = msgpack.unpackb(bytes(self.pending[HEADER.size:end]), raw=False)
+            except ValueError as exc:
+                raise IPCError(f"undecodable message: {exc}") from None
+            del self.pending[:end]
+            if isinstance(message, dict):
+                messages.append(message)
+        return messages

@@ -2,9 +2,15 @@
 
 Small and boring on purpose, in the shape of gunicorn's arbiter. Signal handlers only queue the
 signal and write a byte to a self-pipe; one loop waits on that pipe and on the workers' sockets,
-then runs ``handle_<signal>`` methods, reaps, murders hung workers and spawns missing ones. The
-master never serves a call and never imports gevent or the user's app, so nothing a call does can
-take the port down: while a worker is replaced, new calls wait in the kernel's accept queue.
+then runs ``handle_<signal>`` methods, reaps, murders hung workers, spawns missing ones and
+advances a pending reload. The master never serves a call and never imports gevent or the user's
+app, so nothing a call does can take the port down: while a worker is replaced, new calls wait in
+the kernel's accept queue.
+
+Workers belong to generations. A reload (HUP) starts generation N+1 with the re-read config and
+fresh app code; only when all its workers are ready does N stop accepting and drain. An upgrade
+(USR2) re-execs the master itself in place (same PID, see gateway.upgrade) and then does the same
+with the new code.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import socket
 import time
 import traceback
 from collections import deque
+from dataclasses import dataclass
 
-from gateway import ipc, listeners
+from gateway import __version__, ipc, listeners, systemd, upgrade
 from gateway.backoff import CRASH_WINDOW, RespawnBackoff
 from workers.base import EXIT_BOOT_ERROR, EXIT_CRASH, WorkerSpec, child_main, set_title
 
@@ -28,10 +35,13 @@ LOOP_TICK = 1.0   # at most; the loop wakes sooner for signals, messages and a s
 ABORT_GRACE = 2.0        # SIGABRT (faulthandler dumps the stack) before SIGKILL for a hung worker
 QUICK_STOP_SECONDS = 5.0
 GRACE_AFTER_GRACEFUL_TIMEOUT = 5.0
+STATUS_INTERVAL = 5.0    # how often STATUS= and the process title are refreshed
 EXIT_HISTORY = 100
 COUNTER_KEYS = ("calls", "failed", "handler_exceptions", "protocol_errors", "events", "commands",
                 "accept_errors")
 GAUGE_KEYS = ("active", "longest_block_ms")
+RECORD_FIELDS = ("pid", "slot", "generation", "started", "last_heartbeat", "state", "ready_at",
+                 "counters", "traceback", "exit_reason", "aborted_at")
 
 
 class WorkerRecord:
@@ -50,36 +60,66 @@ class WorkerRecord:
         self.aborted_at: float | None = None   # when it was found hung and sent SIGABRT
 
 
+@dataclass
+class PendingReload:
+    """A generation that is starting and will replace the current one once all its workers are
+    ready, or be abandoned."""
+
+    generation: int
+    config: object
+    started: float
+    reason: str
+
+
 class Master:
     SIGNALS = ("CHLD", "HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "USR1", "USR2", "WINCH")
 
-    def __init__(self, config, worker_class: str):
-        self.config = config
+    def __init__(self, config, worker_class: str, argv: list[str], load_config):
+        self.config = config              # the serving generation's; a pending one has its own
         self.worker_class = worker_class
+        self.argv = argv                  # our command line, for the upgrade's exec
+        self.load_config = load_config    # re-reads the config file (and environment) on reload
         self.workers: dict[int, WorkerRecord] = {}
         self.generation = 1
+        self.pending: PendingReload | None = None
+        self.upgrade_check: tuple[int, int] | None = None   # (check pid, state fd)
+        self.upgrade_signalled_at = 0.0
         self.exits: deque[dict] = deque(maxlen=EXIT_HISTORY)
         self.dead_totals = dict.fromkeys(COUNTER_KEYS, 0)   # counts of workers that are gone
+        self.reloads = self.reload_failures = self.upgrades = self.upgrade_failures = 0
+        self.last_deploy_error: dict | None = None
+        self.started_at = time.time()
         self.signal_queue: deque[int] = deque()
         self.backoff = RespawnBackoff()
         self.stopping = False
         self.graceful_stop = True
         self.stop_deadline = 0.0
+        self.ready_notified = False
+        self.status_at = self.watchdog_at = 0.0
         self.listeners: list[socket.socket] = []
         self.selector = selectors.DefaultSelector()
         self.tick = min(LOOP_TICK, (config.timeout or LOOP_TICK) / 4)
 
     # -- start and run ----------------------------------------------------------------------
 
-    def run(self) -> int:
-        self.listeners = [listeners.bind(addr, self.config.backlog) for addr in self.config.bind]
+    def run(self, state: dict | None = None) -> int:
+        if state is None:
+            self.listeners = self._open_listeners()
+        else:
+            self.restore_state(state)
         for sock in self.listeners:
             log.info("Listening at: %s (pid %d)", listeners.describe(sock), os.getpid())
         self._init_signals()
-        set_title(f"master [gen {self.generation}] "
-                  + " ".join(listeners.describe(sock) for sock in self.listeners))
-        log.info("master %d starting %d worker(s) for %s", os.getpid(), self.config.workers,
-                 self.config.app)
+        self._write_pidfile()
+        if state is None:
+            log.info("master %d (esl-gateway %s) starting %d worker(s) for %s", os.getpid(),
+                     __version__, self.config.workers, self.config.app)
+        else:
+            self.upgrades += 1
+            log.info("master %d upgraded in place to esl-gateway %s; starting generation %d",
+                     os.getpid(), __version__, self.generation + 1)
+            self.start_generation("upgrade", self.config, state["signalled_at"])
+        self._title()
         while True:
             if not self.stopping:
                 self.manage_workers()
@@ -98,10 +138,26 @@ class Master:
                     self.stop_deadline = float("inf")
             else:
                 self.murder_workers()
+                self.advance_reload()
+            self._report()
         for sock in self.listeners:
             sock.close()
+        self._remove_pidfile()
         log.info("master %d stopped", os.getpid())
         return 0
+
+    def _open_listeners(self) -> list[socket.socket]:
+        """Sockets from systemd (socket activation or our own fd store), else bound here."""
+        inherited = systemd.listen_fds()
+        if inherited:
+            log.info("using %d listening socket(s) passed by systemd (%s); --bind is not used",
+                     len(inherited), ", ".join(name or "unnamed" for _, name in inherited))
+            return [sock for sock, _ in inherited]
+        socks = [listeners.bind(addr, self.config.backlog) for addr in self.config.bind]
+        if systemd.store_fds(socks, "esl-gateway"):
+            log.info("listening sockets stored in systemd's fd store: a master crash or restart "
+                     "queues calls instead of refusing them")
+        return socks
 
     def _init_signals(self) -> None:
         self.pipe_r, self.pipe_w = os.pipe()
@@ -110,6 +166,11 @@ class Master:
         self.selector.register(self.pipe_r, selectors.EVENT_READ, None)
         for name in self.SIGNALS:
             signal.signal(getattr(signal, f"SIG{name}"), self._queue_signal)
+        # An upgrade execs us with these blocked so none is lost (or kills us) meanwhile.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signal_numbers())
+
+    def _signal_numbers(self) -> set[int]:
+        return {getattr(signal, f"SIG{name}") for name in self.SIGNALS}
 
     def _queue_signal(self, signum, _frame) -> None:
         self.signal_queue.append(signum)
@@ -144,10 +205,10 @@ class Master:
         self.stop(graceful=False)
 
     def handle_hup(self) -> None:
-        log.warning("HUP (reload) is not supported yet; ignoring it")
+        self.reload()
 
     def handle_usr2(self) -> None:
-        log.warning("USR2 (upgrade) is not supported yet; ignoring it")
+        self.upgrade()
 
     def handle_ttin(self) -> None:
         self.config.workers += 1
@@ -172,34 +233,219 @@ class Master:
         wait = (self.config.graceful_timeout + GRACE_AFTER_GRACEFUL_TIMEOUT if graceful
                 else QUICK_STOP_SECONDS)
         self.stop_deadline = time.monotonic() + wait
+        systemd.notify("STOPPING=1")
         log.info("%s stop: %d worker(s) to finish", "graceful" if graceful else "quick",
                  len(self.workers))
         self._signal_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
 
+    # -- reload: a new generation of workers ------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config and start a new generation with fresh app code (HUP)."""
+        if self.stopping:
+            return
+        signalled_at = time.monotonic()
+        systemd.notify("RELOADING=1", systemd.monotonic_usec())
+        try:
+            config = self.load_config()
+        except Exception as exc:   # a bad config file must not take the master down
+            self._deploy_failed("reload", f"the config cannot be used: {exc}")
+            return
+        if config.bind != self.config.bind:
+            log.warning("reload: bind changed (%s); listening sockets are kept as they are, "
+                        "a restart rebinds", ", ".join(config.bind))
+            config.bind = self.config.bind
+        self.start_generation("reload", config, signalled_at)
+
+    def start_generation(self, reason: str, config, signalled_at: float) -> None:
+        if self.pending is not None:
+            log.warning("%s supersedes the pending %s to generation %d", reason,
+                        self.pending.reason, self.pending.generation)
+            self._retire_generation(self.pending.generation, signal.SIGTERM)
+        generation = max([self.generation, *(w.generation for w in self.workers.values())]) + 1
+        self.pending = PendingReload(generation, config, signalled_at, reason)
+        log.info("%s: starting generation %d (%d worker(s)); generation %d serves meanwhile",
+                 reason, generation, config.workers, self.generation)
+
+    def advance_reload(self) -> None:
+        """Promote the pending generation once every slot has a ready worker, or give up."""
+        pending = self.pending
+        if pending is None:
+            return
+        ready = {w.slot for w in self.workers.values()
+                 if w.generation == pending.generation and w.state == "ready"}
+        waited = time.monotonic() - pending.started
+        if len(ready) >= pending.config.workers:
+            self._promote(pending, waited)
+        elif waited > pending.config.ready_timeout:
+            self._abandon(f"generation {pending.generation} was not ready within "
+                          f"{pending.config.ready_timeout:.0f}s")
+
+    def _promote(self, pending: PendingReload, waited: float) -> None:
+        old = self.generation
+        self.generation, self.config, self.pending = pending.generation, pending.config, None
+        if pending.reason == "reload":
+            self.reloads += 1
+        draining = [w for w in self.workers.values() if w.generation < self.generation]
+        for record in draining:
+            if record.state != "draining":
+                record.state = "draining"
+                _kill(record.pid, signal.SIGTERM)
+        calls = sum(w.counters.get("active", 0) for w in draining)
+        log.info("%s complete: generation %d accepting %.2fs after the signal; generation %d "
+                 "stopped accepting and drains %d call(s)", pending.reason, self.generation,
+                 waited, old, calls)
+        systemd.notify("READY=1", self._status_line())
+        self._enforce_max_generations()
+        self._title()
+
+    def _abandon(self, reason: str, details: str | None = None) -> None:
+        pending, self.pending = self.pending, None
+        self._retire_generation(pending.generation, signal.SIGTERM)
+        self._deploy_failed(pending.reason, reason, details)
+
+    def _deploy_failed(self, kind: str, reason: str, details: str | None = None) -> None:
+        if kind == "upgrade":
+            self.upgrade_failures += 1
+        else:
+            self.reload_failures += 1
+        self.last_deploy_error = {"time": time.time(), "kind": kind, "reason": reason,
+                                  "traceback": details}
+        log.error("%s abandoned: %s; generation %d keeps serving%s", kind, reason,
+                  self.generation, f"\n{details.rstrip()}" if details else "")
+        systemd.notify("READY=1", self._status_line())
+
+    def _retire_generation(self, generation: int, signum: int) -> None:
+        for record in self.workers.values():
+            if record.generation == generation:
+                record.state = "draining"
+                _kill(record.pid, signum)
+
+    def _enforce_max_generations(self) -> None:
+        """Bound how many generations run at once; the oldest are closed first, cutting calls."""
+        generations = sorted({w.generation for w in self.workers.values()})
+        while len(generations) > self.config.max_generations:
+            oldest = generations.pop(0)
+            calls = sum(w.counters.get("active", 0) for w in self.workers.values()
+                        if w.generation == oldest)
+            log.warning("more than %d generations running: closing generation %d now, "
+                        "with its %d call(s) still up (see --max-generations)",
+                        self.config.max_generations, oldest, calls)
+            self._retire_generation(oldest, signal.SIGQUIT)
+
+    # -- upgrade: re-exec the master in place -----------------------------------------------
+
+    def upgrade(self) -> None:
+        """Replace this master's code, keeping its PID, sockets and workers (USR2)."""
+        if self.stopping or self.upgrade_check is not None:
+            return
+        if self.pending is not None:
+            log.warning("upgrade refused while generation %d is starting; send USR2 again "
+                        "once it is ready", self.pending.generation)
+            return
+        self.upgrade_signalled_at = time.monotonic()
+        state_fd = upgrade.write_state(self.export_state())
+        pid = upgrade.start_check(self.argv, state_fd)
+        self.upgrade_check = (pid, state_fd)
+        log.info("upgrade: checking that the new image starts (pid %d)", pid)
+
+    def _on_upgrade_check(self, status: int) -> None:
+        _, state_fd = self.upgrade_check
+        self.upgrade_check = None
+        os.close(state_fd)
+        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            self._deploy_failed("upgrade", "the new image failed its start-up check (its output "
+                                "is above); this master keeps running the old code")
+            return
+        if self.stopping or self.pending is not None:
+            log.warning("upgrade not carried out: the master is stopping or a reload started")
+            return
+        systemd.notify("RELOADING=1", systemd.monotonic_usec())
+        state_fd = upgrade.write_state(self.export_state())
+        keep = [sock.fileno() for sock in self.listeners] + [
+            w.channel.fileno() for w in self.workers.values() if w.channel.fileno() >= 0]
+        log.info("upgrade: re-executing master %d in place", os.getpid())
+        signal.pthread_sigmask(signal.SIG_BLOCK, self._signal_numbers())
+        try:
+            upgrade.exec_image(self.argv, state_fd, keep)
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signal_numbers())
+            os.close(state_fd)
+            self._deploy_failed("upgrade", f"exec failed: {exc}")
+
+    def export_state(self) -> dict:
+        """Everything the next image needs; fds stay open across exec, times are monotonic."""
+        return {
+            "listeners": [[sock.fileno(), sock.family] for sock in self.listeners],
+            "workers": [dict({f: getattr(w, f) for f in RECORD_FIELDS},
+                             channel=w.channel.fileno(), pending=bytes(w.reader.pending))
+                        for w in self.workers.values() if w.channel.fileno() >= 0],
+            "generation": self.generation,
+            "exits": list(self.exits),
+            "dead_totals": self.dead_totals,
+            "counts": [self.reloads, self.reload_failures, self.upgrades, self.upgrade_failures],
+            "last_deploy_error": self.last_deploy_error,
+            "started_at": self.started_at,
+            "workers_wanted": self.config.workers,
+            "signalled_at": self.upgrade_signalled_at,
+        }
+
+    def restore_state(self, state: dict) -> None:
+        self.listeners = [socket.socket(family, socket.SOCK_STREAM, fileno=fd)
+                          for fd, family in state["listeners"]]
+        for sock in self.listeners:
+            os.set_inheritable(sock.fileno(), False)
+        for item in state["workers"]:
+            channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=item["channel"])
+            os.set_inheritable(channel.fileno(), False)
+            channel.setblocking(False)
+            record = WorkerRecord(item["pid"], item["slot"], item["generation"], channel)
+            for name in RECORD_FIELDS[4:]:
+                setattr(record, name, item[name])
+            record.reader = ipc.MessageReader(item["pending"])
+            self.workers[record.pid] = record
+            self.selector.register(channel, selectors.EVENT_READ, record)
+        self.generation = state["generation"]
+        self.exits.extend(state["exits"])
+        self.dead_totals.update(state["dead_totals"])
+        self.reloads, self.reload_failures, self.upgrades, self.upgrade_failures = state["counts"]
+        self.last_deploy_error = state["last_deploy_error"]
+        self.started_at = state["started_at"]
+        self.config.workers = state["workers_wanted"]
+        self.ready_notified = True
+        self.reap_workers()   # children that died while we were exec'ing
+
     # -- workers ----------------------------------------------------------------------------
 
     def manage_workers(self) -> None:
-        """Fill every empty slot (unless it is backing off), drain workers beyond the count.
+        """Fill every empty slot of the serving and the starting generation (unless it backs
+        off), and drain workers beyond the count.
 
         A draining worker no longer holds its slot: its replacement starts at once, so capacity
         never drops while it finishes its calls.
         """
         now = time.monotonic()
-        serving = [w for w in self.workers.values()
-                   if w.generation == self.generation and w.state != "draining"]
-        for record in serving:
-            if record.slot > self.config.workers:
-                record.state = "draining"
-                _kill(record.pid, signal.SIGTERM)
-        self.backoff.forget_slots_above(self.config.workers)
-        taken = {w.slot for w in serving}
-        for slot in range(1, self.config.workers + 1):
-            if slot not in taken and self.backoff.may_spawn(slot, now):
-                self.spawn_worker(slot)
+        wanted = [(self.generation, self.config)]
+        if self.pending is not None:
+            wanted.append((self.pending.generation, self.pending.config))
+        keys = set()
+        for generation, config in wanted:
+            serving = [w for w in self.workers.values()
+                       if w.generation == generation and w.state != "draining"]
+            for record in serving:
+                if record.slot > config.workers:
+                    record.state = "draining"
+                    _kill(record.pid, signal.SIGTERM)
+            taken = {w.slot for w in serving}
+            for slot in range(1, config.workers + 1):
+                keys.add((generation, slot))
+                if slot not in taken and self.backoff.may_spawn((generation, slot), now):
+                    self.spawn_worker(slot, generation, config)
+        self.backoff.retain(keys)
 
-    def spawn_worker(self, slot: int) -> None:
+    def spawn_worker(self, slot: int, generation: int, config) -> None:
         master_end, worker_end = socket.socketpair()
-        spec = WorkerSpec(slot=slot, generation=self.generation, config=self.config,
+        spec = WorkerSpec(slot=slot, generation=generation, config=config,
                           listeners=self.listeners, channel=worker_end)
         pid = os.fork()
         if pid == 0:
@@ -210,7 +456,7 @@ class Master:
                 os._exit(EXIT_CRASH)
         worker_end.close()
         master_end.setblocking(False)
-        record = WorkerRecord(pid, slot, self.generation, master_end)
+        record = WorkerRecord(pid, slot, generation, master_end)
         self.workers[pid] = record
         self.selector.register(master_end, selectors.EVENT_READ, record)
 
@@ -242,7 +488,16 @@ class Master:
             if not data:
                 self._forget_channel(record)
                 return
-            for message in record.reader.feed(data):
+            try:
+                messages = record.reader.feed(data)
+            except ipc.IPCError as exc:
+                log.error("worker %d (pid %d) sent a corrupt message (%s); draining it",
+                          record.slot, record.pid, exc)
+                self._forget_channel(record)
+                record.state = "draining"
+                _kill(record.pid, signal.SIGTERM)
+                return
+            for message in messages:
                 self._on_message(record, message)
 
     def _forget_channel(self, record: WorkerRecord) -> None:
@@ -257,11 +512,22 @@ class Master:
             record.counters = {key: int(message.get(key, 0)) for key in COUNTER_KEYS + GAUGE_KEYS}
         elif kind == "ready":
             record.state, record.ready_at = "ready", time.monotonic()
+            self._maybe_notify_ready()
         elif kind == "draining":
             record.state = "draining"
             record.exit_reason = str(message.get("reason", ""))
         elif kind in ("boot_error", "crash"):
             record.traceback = str(message.get("traceback", ""))
+
+    def _maybe_notify_ready(self) -> None:
+        """READY=1 once the first generation has every worker ready (Type=notify start-up)."""
+        if self.ready_notified:
+            return
+        ready = {w.slot for w in self.workers.values()
+                 if w.generation == self.generation and w.state == "ready"}
+        if len(ready) >= self.config.workers:
+            self.ready_notified = True
+            systemd.notify("READY=1", self._status_line())
 
     def reap_workers(self) -> None:
         while True:
@@ -271,6 +537,9 @@ class Master:
                 return
             if pid == 0:
                 return
+            if self.upgrade_check is not None and pid == self.upgrade_check[0]:
+                self._on_upgrade_check(status)
+                continue
             record = self.workers.pop(pid, None)
             if record is not None:
                 self._on_worker_exit(record, status)
@@ -296,11 +565,18 @@ class Master:
             log.info(message)
         else:
             log.error(message)
-        if self.stopping or record.generation != self.generation or record.state == "draining":
+        pending = self.pending
+        if pending is not None and record.generation == pending.generation and \
+                classification == "boot_error":
+            self._abandon(f"generation {pending.generation} cannot load the app",
+                          record.traceback)
             return
-        delay = self.backoff.record_exit(record.slot, is_early_death(record, classification, now),
-                                         now)
-        failures = self.backoff.failures.get(record.slot, 0)
+        live = {self.generation, pending.generation if pending else None}
+        if self.stopping or record.generation not in live or record.state == "draining":
+            return
+        key = (record.generation, record.slot)
+        delay = self.backoff.record_exit(key, is_early_death(record, classification, now), now)
+        failures = self.backoff.failures.get(key, 0)
         if failures > 1:
             log.error("slot %d is crash-looping: %d early deaths in a row; next attempt in "
                       "%.1fs (the port stays bound, other workers keep serving)",
@@ -331,9 +607,58 @@ class Master:
         for pid in list(self.workers):
             _kill(pid, signum)
 
+    # -- what operators see -----------------------------------------------------------------
+
+    def _report(self) -> None:
+        """Refresh STATUS=, the process title and the watchdog, at a low rate."""
+        now = time.monotonic()
+        interval = systemd.watchdog_interval()
+        if interval is not None and now - self.watchdog_at >= interval:
+            self.watchdog_at = now
+            systemd.notify("WATCHDOG=1")
+        if now - self.status_at >= STATUS_INTERVAL:
+            self.status_at = now
+            systemd.notify(self._status_line())
+            self._title()
+
+    def _status_line(self) -> str:
+        current = [w for w in self.workers.values() if w.generation == self.generation]
+        older = [w for w in self.workers.values() if w.generation < self.generation]
+        ready = sum(w.state == "ready" for w in current)
+        text = (f"STATUS=gen {self.generation}: {ready}/{self.config.workers} workers ready, "
+                f"{sum(w.counters.get('active', 0) for w in current)} calls")
+        if older:
+            text += (f"; {len({w.generation for w in older})} older generation(s) draining "
+                     f"{sum(w.counters.get('active', 0) for w in older)} calls")
+        if self.pending is not None:
+            text += f"; generation {self.pending.generation} starting"
+        return text
+
+    def _title(self) -> None:
+        set_title(f"master [gen {self.generation}] "
+                  + " ".join(listeners.describe(sock) for sock in self.listeners))
+
+    def _write_pidfile(self) -> None:
+        path = self.config.pidfile
+        if path:
+            temporary = f"{path}.{os.getpid()}.tmp"
+            with open(temporary, "w") as handle:
+                handle.write(f"{os.getpid()}\n")
+            os.replace(temporary, path)
+
+    def _remove_pidfile(self) -> None:
+        path = self.config.pidfile
+        try:
+            with open(path or "") as handle:
+                mine = handle.read().strip() == str(os.getpid())
+        except OSError:
+            return   # none, or not readable: nothing of ours to remove
+        if mine:
+            os.unlink(path)
+
 
 # Exit reasons a worker announces before leaving on purpose (its "draining" message).
-CLEAN_EXITS = ("clean", "recycled", "drained", "stopped", "orphaned", "retired")
+CLEAN_EXITS = ("clean", "recycled", "drained", "stopped", "orphaned")
 # Signals that come from outside (an operator, the OOM killer, us), not from a bug in the worker.
 EXTERNAL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 

@@ -9,10 +9,10 @@ def start_gateway(tmp_path):
     started = []
 
     def start(app="reporting_ivr:handle", workers=2, args=(), env=None, wait_ready=True,
-              max_open_files=None):
+              max_open_files=None, listen_socks=()):
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
-        gateway = GatewayProcess(workdir, app, workers, args, env, max_open_files)
+        gateway = GatewayProcess(workdir, app, workers, args, env, max_open_files, listen_socks)
         started.append(gateway)
         return gateway.start(wait_ready)
 

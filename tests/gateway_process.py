@@ -31,8 +31,9 @@ def gateway_command() -> list[str]:
 
 class GatewayProcess:
     def __init__(self, workdir: Path, app: str, workers: int = 2, args=(), env=None,
-                 max_open_files: int | None = None):
+                 max_open_files: int | None = None, listen_socks=()):
         self.max_open_files = max_open_files
+        self.listen_socks = list(listen_socks)   # [(socket, name)] passed as systemd would
         self.workdir, self.app, self.workers, self.args = workdir, app, workers, list(args)
         self.log_path = workdir / "gateway.log"
         self.record_path = workdir / "handlers.txt"
@@ -42,21 +43,34 @@ class GatewayProcess:
         self.address: tuple[str, int] | None = None
 
     def start(self, wait_ready: bool = True) -> "GatewayProcess":
+        command = [*gateway_command(), "run", "-b", "127.0.0.1:0", "-w", str(self.workers),
+                   *self.args, self.app]
+        env = dict(self.env)
+        if self.listen_socks:
+            # systemd sets LISTEN_PID to the PID it execs; `exec` in sh keeps the shell's.
+            command = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *command]
+            env.update(LISTEN_FDS=str(len(self.listen_socks)),
+                       LISTEN_FDNAMES=":".join(name for _, name in self.listen_socks))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*gateway_command(), "run", "-b", "127.0.0.1:0", "-w", str(self.workers),
-                 *self.args, self.app],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                start_new_session=True, preexec_fn=self._limit_open_files)
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+                start_new_session=True, preexec_fn=self._prepare_child,
+                # Python's own fds are not inheritable; only the dup2 copies below cross exec.
+                close_fds=not self.listen_socks)
         if wait_ready:
             match = self.wait_for_log(r"Listening at: 127\.0\.0\.1:(\d+)")
             self.address = ("127.0.0.1", int(match[-1].group(1)))
             self.wait_for_log(r"ready, generation", count=self.workers)
         return self
 
-    def _limit_open_files(self) -> None:
+    def _prepare_child(self) -> None:
+        """In the child before exec: resource limits, and inherited sockets at fd 3, 4 ..."""
         if self.max_open_files:
             resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files,) * 2)
+        # dup first, then place: a socket's own number may be one of the targets.
+        copies = [os.dup(sock.fileno()) for sock, _ in self.listen_socks]
+        for index, fd in enumerate(copies):
+            os.dup2(fd, 3 + index)
 
     def cpu_seconds(self, pid: int | None = None) -> float:
         """User + system CPU time of a process so far, from /proc."""
