@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import time
@@ -72,5 +73,4 @@ def watchdog_interval() -> float | None:
 
 
 def _fd_array(fds: list[int]) -> bytes:
-    import array
     return array.array("i", fds).tobytes()

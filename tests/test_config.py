@@ -56,6 +56,13 @@ def test_unknown_file_key_is_refused(tmp_path):
         config.resolve(parse(["-c", ini]), {})
 
 
+def test_the_example_config_file_is_valid():
+    """deploy/esl-gateway.ini uses only declared settings, with usable values."""
+    path = Path(__file__).parent.parent / "deploy" / "esl-gateway.ini"
+    cfg = config.resolve(parse(["-c", str(path)]), {})
+    assert cfg.app == "myivr.handlers:handle" and cfg.sources["workers"] == "file"
+
+
 def test_readme_settings_table_is_generated_from_declarations():
     """The README documents exactly the declared settings (regenerate with python -m gateway.config)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
