@@ -293,8 +293,8 @@ class Master:
                 _kill(record.pid, signal.SIGTERM)
         calls = sum(w.counters.get("active", 0) for w in draining)
         log.info("%s complete: generation %d accepting %.2fs after the signal; generation %d "
-                 "stopped accepting and drains %d call(s)", pending.reason, self.generation,
-                 waited, old, calls)
+                 "stopped accepting and drains its calls (%d at the last heartbeat)",
+                 pending.reason, self.generation, waited, old, calls)
         systemd.notify("READY=1", self._status_line())
         self._enforce_max_generations()
         self._title()
@@ -328,9 +328,9 @@ class Master:
             oldest = generations.pop(0)
             calls = sum(w.counters.get("active", 0) for w in self.workers.values()
                         if w.generation == oldest)
-            log.warning("more than %d generations running: closing generation %d now, "
-                        "with its %d call(s) still up (see --max-generations)",
-                        self.config.max_generations, oldest, calls)
+            log.warning("more than %d generations running: closing generation %d now, cutting "
+                        "its calls (%d at the last heartbeat; its workers log each one; see "
+                        "--max-generations)", self.config.max_generations, oldest, calls)
             self._retire_generation(oldest, signal.SIGQUIT)
 
     # -- upgrade: re-exec the master in place -----------------------------------------------

@@ -161,3 +161,25 @@ def test_fd_store_keeps_the_port_through_a_master_crash(start_gateway, fake_syst
     print("\nfd store, master killed:", result.counts())
     assert result.counts()["completed"] == 200, result.counts()
     assert "passed by systemd (esl-gateway)" in second.log()
+
+
+def test_max_generations_closes_the_oldest_with_a_log(start_gateway):
+    """Back-to-back reloads while long calls pin old generations: beyond --max-generations the
+    oldest generation is closed (its calls cut, logged); the newer ones keep their calls."""
+    gateway = start_gateway(app="versioned:handle", workers=1, args=["--max-generations", "2"])
+    calls = [SimulatedCall(gateway.address, CallOptions(playback_ms=5000), random.Random(i))
+             for i in range(3)]
+    running = []
+    for reloads in range(1, 4):
+        running.append(gevent.spawn(calls[reloads - 1].run))
+        with gevent.Timeout(10):
+            while not calls[reloads - 1].running_app:
+                gevent.sleep(0.02)
+        gateway.signal(signal.SIGHUP)
+        gateway.wait_for_log("reload complete", count=reloads)
+    # Three reloads: generation 4 serves, 3 drains; 1 and 2 are closed, oldest first.
+    gateway.wait_for_log(r"more than 2 generations running: closing generation 1 now")
+    gateway.wait_for_log(r"more than 2 generations running: closing generation 2 now")
+    outcomes = [greenlet.get(timeout=20).outcome for greenlet in running]
+    assert outcomes == ["early_close", "early_close", "completed"]
+    assert len(re.findall(r"closing call still up after a quick stop", gateway.log())) == 2
