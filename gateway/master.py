@@ -41,7 +41,7 @@ COUNTER_KEYS = ("calls", "failed", "handler_exceptions", "protocol_errors", "eve
                 "accept_errors")
 GAUGE_KEYS = ("active", "longest_block_ms")
 RECORD_FIELDS = ("pid", "slot", "generation", "started", "last_heartbeat", "state", "ready_at",
-                 "counters", "traceback", "exit_reason", "aborted_at")
+                 "counters", "traceback", "exit_reason", "aborted_at", "stopped_accepting")
 
 
 class WorkerRecord:
@@ -58,6 +58,17 @@ class WorkerRecord:
         self.traceback: str | None = None
         self.exit_reason: str | None = None
         self.aborted_at: float | None = None   # when it was found hung and sent SIGABRT
+        self.stopped_accepting = False   # it confirmed (its "draining" message) it accepts no more
+
+
+@dataclass
+class Switchover:
+    """A promoted generation waiting for the old workers to confirm they stopped accepting:
+    only then is the deploy complete (no old code can take a call after that line)."""
+
+    reason: str
+    signalled_at: float
+    old_generation: int
 
 
 @dataclass
@@ -82,6 +93,7 @@ class Master:
         self.workers: dict[int, WorkerRecord] = {}
         self.generation = 1
         self.pending: PendingReload | None = None
+        self.switchover: Switchover | None = None
         self.upgrade_check: tuple[int, int] | None = None   # (check pid, state fd)
         self.upgrade_signalled_at = 0.0
         self.exits: deque[dict] = deque(maxlen=EXIT_HISTORY)
@@ -268,7 +280,17 @@ class Master:
                  reason, generation, config.workers, self.generation)
 
     def advance_reload(self) -> None:
-        """Promote the pending generation once every slot has a ready worker, or give up."""
+        """Promote the pending generation once every slot has a ready worker, or give up; then
+        declare the deploy complete once the old workers confirm they stopped accepting."""
+        switchover = self.switchover
+        if switchover is not None and all(w.stopped_accepting for w in self.workers.values()
+                                          if w.generation < self.generation):
+            self.switchover = None
+            log.info("%s complete: generation %d accepting and generation %d no longer, "
+                     "%.2fs after the signal; the old workers drain their calls",
+                     switchover.reason, self.generation, switchover.old_generation,
+                     time.monotonic() - switchover.signalled_at)
+            systemd.notify("READY=1", self._status_line())
         pending = self.pending
         if pending is None:
             return
@@ -276,26 +298,21 @@ class Master:
                  if w.generation == pending.generation and w.state == "ready"}
         waited = time.monotonic() - pending.started
         if len(ready) >= pending.config.workers:
-            self._promote(pending, waited)
+            self._promote(pending)
         elif waited > pending.config.ready_timeout:
             self._abandon(f"generation {pending.generation} was not ready within "
                           f"{pending.config.ready_timeout:.0f}s")
 
-    def _promote(self, pending: PendingReload, waited: float) -> None:
+    def _promote(self, pending: PendingReload) -> None:
         old = self.generation
         self.generation, self.config, self.pending = pending.generation, pending.config, None
         if pending.reason == "reload":
             self.reloads += 1
-        draining = [w for w in self.workers.values() if w.generation < self.generation]
-        for record in draining:
-            if record.state != "draining":
+        for record in self.workers.values():
+            if record.generation < self.generation and record.state != "draining":
                 record.state = "draining"
                 _kill(record.pid, signal.SIGTERM)
-        calls = sum(w.counters.get("active", 0) for w in draining)
-        log.info("%s complete: generation %d accepting %.2fs after the signal; generation %d "
-                 "stopped accepting and drains its calls (%d at the last heartbeat)",
-                 pending.reason, self.generation, waited, old, calls)
-        systemd.notify("READY=1", self._status_line())
+        self.switchover = Switchover(pending.reason, pending.started, old)
         self._enforce_max_generations()
         self._title()
 
@@ -514,7 +531,7 @@ class Master:
             record.state, record.ready_at = "ready", time.monotonic()
             self._maybe_notify_ready()
         elif kind == "draining":
-            record.state = "draining"
+            record.state, record.stopped_accepting = "draining", True
             record.exit_reason = str(message.get("reason", ""))
         elif kind in ("boot_error", "crash"):
             record.traceback = str(message.get("traceback", ""))

@@ -54,7 +54,7 @@ def completed_at(gateway, kind, count):
     lines = [line for line in gateway.log().splitlines() if f"{kind} complete" in line]
     line = lines[count - 1]
     wall = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    latency = float(re.search(r"accepting ([\d.]+)s after the signal", line).group(1))
+    latency = float(re.search(r"([\d.]+)s after the signal", line).group(1))
     return wall - (time.time() - time.monotonic()), latency
 
 
@@ -86,7 +86,7 @@ def test_reloads_and_upgrades_under_load_cut_no_call(start_gateway):
     assert gateway.pid == master_pid and gateway.proc.poll() is None
     for call in result.results:
         started = call.ended_at - call.duration_ms / 1000
-        deployed = [version for version, completed, _ in deploys if started > completed + 0.05]
+        deployed = [version for version, completed, _ in deploys if started > completed]
         if deployed:
             assert int(call.variables["app_version"]) >= max(deployed), (call, deployed)
     assert "Traceback" not in gateway.log()
@@ -182,4 +182,5 @@ def test_max_generations_closes_the_oldest_with_a_log(start_gateway):
     gateway.wait_for_log(r"more than 2 generations running: closing generation 2 now")
     outcomes = [greenlet.get(timeout=20).outcome for greenlet in running]
     assert outcomes == ["early_close", "early_close", "completed"]
-    assert len(re.findall(r"closing call still up after a quick stop", gateway.log())) == 2
+    assert len(re.findall(r"closing call still up: asked to quit \(SIGQUIT\)",
+                          gateway.log())) == 2

@@ -133,9 +133,9 @@ class GeventWorker:
         orphaned.
         """
         if self._stop.is_set():
-            self._graceful = self._graceful and graceful   # a quick stop overrides a graceful one
-            if not graceful:
-                self.pool.kill(block=False)
+            if not graceful and self._graceful:   # a quick stop overrides a graceful one
+                self._graceful = False
+                gevent.spawn(self._close_calls, detail)
             return
         self._stop_reason, self._stop_detail, self._graceful = reason, detail, graceful
         self._stop.set()
@@ -153,12 +153,16 @@ class GeventWorker:
         self._title("draining")
         timeout = self.config.graceful_timeout if self._graceful else 0
         if not self.pool.join(timeout=timeout):
-            for session in list(self.sessions):
-                log.warning("[%s] closing call still up after %s", session.uuid,
-                            "the graceful timeout" if self._graceful else "a quick stop")
-            self.pool.kill(timeout=QUICK_STOP_SECONDS)
+            self._close_calls("the graceful timeout" if self._graceful else self._stop_detail)
+        self.pool.join()
         self._send_heartbeat()
         return EXIT_OK
+
+    def _close_calls(self, why: str) -> None:
+        """End every call now, one log line each: nothing is cut silently."""
+        for session in list(self.sessions):
+            log.warning("[%s] closing call still up: %s", session.uuid, why)
+        self.pool.kill(timeout=QUICK_STOP_SECONDS)
 
     # -- calls ------------------------------------------------------------------------------
 
