@@ -1,8 +1,10 @@
-"""``esl-gateway`` command line: ``run`` starts the master; ``reload`` and ``upgrade`` signal it."""
+"""``esl-gateway`` command line: ``run`` starts the master; ``reload`` and ``upgrade`` signal it;
+``stats`` and ``top`` show what it sees."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -25,6 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bind the listening sockets once and serve FreeSWITCH outbound ESL calls "
                     "with pre-forked gevent workers.")
     config.add_arguments(run)
+    for name, what in (("stats", "print the master's statistics once"),
+                       ("top", "a live view of workers, generations, call rates and the queue")):
+        command = commands.add_parser(name, help=what, description=what)
+        command.add_argument("--stats", default=config.BY_NAME["stats"].default,
+                             metavar="HOST:PORT", help="the master's --stats address")
+        if name == "stats":
+            command.add_argument("--json", action="store_true", help="the raw JSON")
+        else:
+            command.add_argument("-i", "--interval", type=float, default=2.0, metavar="SECONDS")
+            command.add_argument("-n", "--count", type=int, metavar="N",
+                                 help="stop after N screens (default: until Ctrl-C)")
     for name, what in (("reload", "start a new generation of workers with re-read config and "
                                   "fresh app code (HUP)"),
                        ("upgrade", "re-exec the master with new code, same PID (USR2)")):
@@ -78,11 +91,29 @@ def cmd_signal(args: argparse.Namespace, signum: int) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from gateway import report
+    try:
+        if args.command == "top":
+            report.top(args.stats, args.interval, args.count, sys.stdout)
+            return 0
+        view = report.fetch(args.stats)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"esl-gateway: no stats at {args.stats}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(view, indent=1) if args.json else report.render(view))
+    return 0 if view["health"]["ok"] else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args, argv)
+    if args.command in ("stats", "top"):
+        return cmd_stats(args)
     return cmd_signal(args, signal.SIGHUP if args.command == "reload" else signal.SIGUSR2)
 
 

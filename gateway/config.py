@@ -115,6 +115,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_generations", positive_int, 4, ("--max-generations",), metavar="N",
             help="Generations of workers that may run at once (the serving one and those "
                  "draining after reloads); beyond it the oldest is closed, its calls cut."),
+    Setting("stats", str, "127.0.0.1:9091", ("--stats",), metavar="HOST:PORT",
+            help="Where the master serves /stats (JSON), /metrics (Prometheus) and /healthz; "
+                 "`none` disables it."),
+    Setting("health_queue_limit", positive_int, 100, ("--health-queue-limit",), metavar="N",
+            help="/healthz answers 503 when an accept queue holds this many calls (or no "
+                 "worker is ready)."),
     Setting("pidfile", str, None, ("-p", "--pidfile"), metavar="FILE",
             help="Write the master's PID here (for `esl-gateway reload|upgrade -p FILE`)."),
     Setting("max_frame_size", positive_int, 8 * 1024 * 1024, ("--max-frame-size",),

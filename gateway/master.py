@@ -15,6 +15,7 @@ with the new code.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
@@ -25,8 +26,9 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from gateway import __version__, ipc, listeners, systemd, upgrade
+from gateway import __version__, ipc, listeners, stats, systemd, upgrade
 from gateway.backoff import CRASH_WINDOW, RespawnBackoff
+from gateway.httpserver import HTTPServer
 from workers.base import EXIT_BOOT_ERROR, EXIT_CRASH, WorkerSpec, child_main, set_title
 
 log = logging.getLogger("esl_gateway.master")
@@ -97,6 +99,7 @@ class Master:
         self.upgrade_check: tuple[int, int] | None = None   # (check pid, state fd)
         self.upgrade_signalled_at = 0.0
         self.exits: deque[dict] = deque(maxlen=EXIT_HISTORY)
+        self.exit_counts: dict[str, int] = {}   # by classification, never trimmed
         self.dead_totals = dict.fromkeys(COUNTER_KEYS, 0)   # counts of workers that are gone
         self.reloads = self.reload_failures = self.upgrades = self.upgrade_failures = 0
         self.last_deploy_error: dict | None = None
@@ -109,6 +112,8 @@ class Master:
         self.ready_notified = False
         self.status_at = self.watchdog_at = 0.0
         self.listeners: list[socket.socket] = []
+        self.listen_baseline = stats.listen_counters()
+        self.stats_server: HTTPServer | None = None
         self.selector = selectors.DefaultSelector()
         self.tick = min(LOOP_TICK, (config.timeout or LOOP_TICK) / 4)
 
@@ -121,6 +126,7 @@ class Master:
             self.restore_state(state)
         for sock in self.listeners:
             log.info("Listening at: %s (pid %d)", listeners.describe(sock), os.getpid())
+        self._open_stats(state)
         self._init_signals()
         self._write_pidfile()
         if state is None:
@@ -152,6 +158,8 @@ class Master:
                 self.murder_workers()
                 self.advance_reload()
             self._report()
+        if self.stats_server is not None:
+            self.stats_server.close()
         for sock in self.listeners:
             sock.close()
         self._remove_pidfile()
@@ -170,6 +178,33 @@ class Master:
             log.info("listening sockets stored in systemd's fd store: a master crash or restart "
                      "queues calls instead of refusing them")
         return socks
+
+    def _open_stats(self, state: dict | None) -> None:
+        """The stats endpoint; an upgrade hands its listening socket over like the others."""
+        if state is not None and state.get("stats_fd") is not None:
+            sock = socket.socket(state["stats_family"], socket.SOCK_STREAM,
+                                 fileno=state["stats_fd"])
+            os.set_inheritable(sock.fileno(), False)
+        elif self.config.stats.lower() != "none":
+            sock = listeners.bind(self.config.stats, 64)
+        else:
+            return
+        routes = {"/stats": self._serve_stats, "/metrics": self._serve_metrics,
+                  "/healthz": self._serve_health}
+        self.stats_server = HTTPServer(sock, self.selector, routes)
+        log.info("Stats at: http://%s/stats (also /metrics, /healthz)", listeners.describe(sock))
+
+    def _serve_stats(self) -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps(stats.snapshot(self), indent=1).encode()
+
+    def _serve_metrics(self) -> tuple[int, str, bytes]:
+        return 200, "text/plain; version=0.0.4; charset=utf-8", stats.render_metrics(
+            stats.snapshot(self))
+
+    def _serve_health(self) -> tuple[int, str, bytes]:
+        view = stats.snapshot(self)
+        verdict = view["health"]
+        return 200 if verdict["ok"] else 503, "text/plain", f"{verdict['reason']}\n".encode()
 
     def _init_signals(self) -> None:
         self.pipe_r, self.pipe_w = os.pipe()
@@ -192,15 +227,19 @@ class Master:
             pass   # the pipe is full of wake-ups already; the loop will see the queue
 
     def _wait(self, timeout: float) -> None:
-        for key, _ in self.selector.select(timeout):
+        for key, mask in self.selector.select(timeout):
             if key.data is None:
                 try:
                     while os.read(self.pipe_r, 4096):
                         pass
                 except BlockingIOError:
                     pass   # drained
-            else:
+            elif isinstance(key.data, WorkerRecord):
                 self._read_channel(key.data)
+            else:
+                key.data(mask)   # the stats endpoint's sockets
+        if self.stats_server is not None:
+            self.stats_server.expire(time.monotonic())
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -381,6 +420,8 @@ class Master:
         state_fd = upgrade.write_state(self.export_state())
         keep = [sock.fileno() for sock in self.listeners] + [
             w.channel.fileno() for w in self.workers.values() if w.channel.fileno() >= 0]
+        if self.stats_server is not None:
+            keep.append(self.stats_server.sock.fileno())
         log.info("upgrade: re-executing master %d in place", os.getpid())
         signal.pthread_sigmask(signal.SIG_BLOCK, self._signal_numbers())
         try:
@@ -405,6 +446,10 @@ class Master:
             "started_at": self.started_at,
             "workers_wanted": self.config.workers,
             "signalled_at": self.upgrade_signalled_at,
+            "exit_counts": self.exit_counts,
+            "listen_baseline": self.listen_baseline,
+            "stats_fd": self.stats_server.sock.fileno() if self.stats_server else None,
+            "stats_family": self.stats_server.sock.family if self.stats_server else None,
         }
 
     def restore_state(self, state: dict) -> None:
@@ -428,6 +473,8 @@ class Master:
         self.reloads, self.reload_failures, self.upgrades, self.upgrade_failures = state["counts"]
         self.last_deploy_error = state["last_deploy_error"]
         self.started_at = state["started_at"]
+        self.exit_counts = state["exit_counts"]
+        self.listen_baseline = state["listen_baseline"]
         self.config.workers = state["workers_wanted"]
         self.ready_notified = True
         self.reap_workers()   # children that died while we were exec'ing
@@ -484,6 +531,8 @@ class Master:
             for name in self.SIGNALS:
                 signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
             self.selector.close()
+            if self.stats_server is not None:
+                self.stats_server.drop_in_child()
             os.close(self.pipe_r)
             os.close(self.pipe_w)
             for record in self.workers.values():
@@ -572,8 +621,11 @@ class Master:
         uptime = now - record.started
         entry = {"time": time.time(), "pid": record.pid, "slot": record.slot,
                  "generation": record.generation, "classification": classification,
+                 "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                 "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                  "detail": detail, "uptime": round(uptime, 3), "traceback": record.traceback}
         self.exits.append(entry)
+        self.exit_counts[classification] = self.exit_counts.get(classification, 0) + 1
         message = (f"worker {record.slot} (pid {record.pid}, gen {record.generation}) "
                    f"{detail} after {uptime:.1f}s")
         if record.traceback:

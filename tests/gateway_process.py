@@ -9,6 +9,7 @@ can always clean up every worker, even after a test failure.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -43,8 +44,9 @@ class GatewayProcess:
         self.address: tuple[str, int] | None = None
 
     def start(self, wait_ready: bool = True) -> "GatewayProcess":
+        stats = [] if "--stats" in self.args else ["--stats", "127.0.0.1:0"]
         command = [*gateway_command(), "run", "-b", "127.0.0.1:0", "-w", str(self.workers),
-                   *self.args, self.app]
+                   *stats, *self.args, self.app]
         env = dict(self.env)
         if self.listen_socks:
             # systemd sets LISTEN_PID to the PID it execs; `exec` in sh keeps the shell's.
@@ -60,6 +62,9 @@ class GatewayProcess:
         if wait_ready:
             match = self.wait_for_log(r"Listening at: 127\.0\.0\.1:(\d+)")
             self.address = ("127.0.0.1", int(match[-1].group(1)))
+            if "none" not in self.args:
+                match = self.wait_for_log(r"Stats at: http://127\.0\.0\.1:(\d+)/")
+                self.stats_address = ("127.0.0.1", int(match[-1].group(1)))
             self.wait_for_log(r"ready, generation", count=self.workers)
         return self
 
@@ -103,6 +108,22 @@ class GatewayProcess:
     def worker_pids(self) -> list[int]:
         path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         return [int(pid) for pid in path.read_text().split()]
+
+    def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        """GET from the stats endpoint (cooperatively, so simulated calls keep running)."""
+        from gevent import socket as gsocket
+        with gsocket.create_connection(self.stats_address, timeout=timeout) as sock:
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    def stats(self) -> dict:
+        status, body = self.http_get("/stats")
+        assert status == 200, body
+        return json.loads(body)
 
     def handler_records(self) -> tuple[set[str], list[tuple[int, str, str, float]]]:
         """(uuids of handlers that started, [(pid, uuid, how it ended, seconds)] of returns)."""

@@ -66,6 +66,8 @@ class GeventWorker:
         self._accept_errors_unlogged = 0
         self._send_lock = Semaphore()
         self._warned_not_full = False
+        self._state = "booting"    # booting, ready, draining: for the process title
+        self._shown_title = ""
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -83,7 +85,7 @@ class GeventWorker:
         from gevent import socket as gsocket   # after patching: the cooperative socket type
         self._gsocket = gsocket
         self.channel = gsocket.socket(fileno=self.spec.channel.detach())
-        self._title("booting")
+        self._title()
         self._install_signals()
         try:
             self.app = load_app(self.config.app)
@@ -105,7 +107,8 @@ class GeventWorker:
         gevent.spawn(self._heartbeat_loop)
         gevent.spawn(self._watch_master)
         self._send("ready")
-        self._title("ready")
+        self._state = "ready"
+        self._title()
         log.info("worker %d (pid %d) ready, generation %d", self.spec.slot, os.getpid(),
                  self.spec.generation)
         try:
@@ -150,7 +153,8 @@ class GeventWorker:
         active = len(self.pool)
         log.info("worker %d (pid %d) %s; %s %d call(s)", self.spec.slot, os.getpid(),
                  self._stop_detail, "draining" if self._graceful else "closing", active)
-        self._title("draining")
+        self._state = "draining"
+        self._title()
         timeout = self.config.graceful_timeout if self._graceful else 0
         if not self.pool.join(timeout=timeout):
             self._close_calls("the graceful timeout" if self._graceful else self._stop_detail)
@@ -247,6 +251,7 @@ class GeventWorker:
         interval = min(HEARTBEAT_INTERVAL, (self.config.timeout or HEARTBEAT_INTERVAL) / 4)
         while True:
             self._send_heartbeat()
+            self._title()
             gevent.sleep(interval)
 
     def _send_heartbeat(self) -> None:
@@ -282,5 +287,12 @@ class GeventWorker:
             except OSError:
                 pass   # the master is gone; _watch_master starts the drain
 
-    def _title(self, state: str) -> None:
-        set_title(f"worker {self.spec.slot} [gen {self.spec.generation}] {state}")
+    def _title(self) -> None:
+        """``worker 2 [gen 3] 14 calls`` (or ``draining 3 calls``), refreshed with heartbeats."""
+        calls = 0 if self._state == "booting" else len(self.pool)
+        state = {"ready": f"{calls} calls", "draining": f"draining {calls} calls"}.get(
+            self._state, self._state)
+        title = f"worker {self.spec.slot} [gen {self.spec.generation}] {state}"
+        if title != self._shown_title:
+            self._shown_title = title
+            set_title(title)
