@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from gateway import __version__, config, upgrade
+from gateway import __version__, config, loadtest, upgrade
 from gateway.app import check_app
 from workers.base import EXIT_BOOT_ERROR
 
@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bind the listening sockets once and serve FreeSWITCH outbound ESL calls "
                     "with pre-forked gevent workers.")
     config.add_arguments(run)
+    loadtest_command = commands.add_parser(
+        "loadtest", help="offer simulated FreeSWITCH calls to an outbound ESL server",
+        description=loadtest.__doc__.split("\n\n")[0])
+    loadtest.add_arguments(loadtest_command)
     for name, what in (("stats", "print the master's statistics once"),
                        ("top", "a live view of workers, generations, call rates and the queue")):
         command = commands.add_parser(name, help=what, description=what)
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args, argv)
     if args.command in ("stats", "top"):
         return cmd_stats(args)
+    if args.command == "loadtest":
+        return loadtest.main(args)
     return cmd_signal(args, signal.SIGHUP if args.command == "reload" else signal.SIGUSR2)
 
 

@@ -172,6 +172,9 @@ class Master:
         if inherited:
             log.info("using %d listening socket(s) passed by systemd (%s); --bind is not used",
                      len(inherited), ", ".join(name or "unnamed" for _, name in inherited))
+            for sock, _ in inherited:
+                listeners.tune(sock)
+                sock.setblocking(False)
             return [sock for sock, _ in inherited]
         socks = [listeners.bind(addr, self.config.backlog) for addr in self.config.bind]
         if systemd.store_fds(socks, "esl-gateway"):

@@ -43,46 +43,67 @@ class ProtocolError(Exception):
 # Header blocks
 # --------------------------------------------------------------------------------------------
 
+_MISSING = object()
+
+
 class Headers(Mapping):
     """Ordered, case-insensitive header map whose values are url-decoded lazily, on lookup.
 
-    FreeSWITCH looks headers up case-insensitively, so we do too. Decoding on lookup keeps the
-    hot path cheap: a worker only ever reads a handful of the ~100 headers an event carries.
+    FreeSWITCH looks headers up case-insensitively, so we do too. It also writes every name in
+    one canonical case, so the map keeps names as sent and folds case only on a miss, lazily: an
+    event carries ~100 headers and a worker reads a handful. Decoding also happens on lookup.
     ``ARRAY::a|:b`` values come back as lists, as the reference C client splits them.
     """
 
-    __slots__ = ("_raw", "_encoded")
+    __slots__ = ("_values", "_folded", "_encoded")
 
     def __init__(self, pairs: Iterable[tuple[str, object]] = (), encoded: bool = False):
-        # lower-case name -> (name as sent, raw value); the last duplicate wins, like FreeSWITCH.
-        self._raw: dict[str, tuple[str, object]] = {}
+        self._values: dict[str, object] = dict(pairs)   # the last duplicate wins
+        self._folded: dict[str, str] | None = None       # lower-case name -> name as sent
         self._encoded = encoded
-        for name, value in pairs:
-            self._raw[name.lower()] = (name, value)
+
+    def _name(self, name: str) -> str | None:
+        """The name as sent for ``name`` in any case, or None."""
+        if name in self._values:
+            return name
+        if self._folded is None:
+            self._folded = {key.lower(): key for key in self._values}
+        return self._folded.get(name.lower()) if isinstance(name, str) else None
 
     def __getitem__(self, name: str):
-        return self._decode(self._raw[name.lower()][1])
+        value = self._values.get(name, _MISSING)
+        if value is _MISSING:
+            key = self._name(name)
+            if key is None:
+                raise KeyError(name)
+            value = self._values[key]
+        return self._decode(value)
 
     def get(self, name: str, default=None):
-        item = self._raw.get(name.lower())
-        return default if item is None else self._decode(item[1])
+        value = self._values.get(name, _MISSING)
+        if value is _MISSING:
+            key = self._name(name)
+            if key is None:
+                return default
+            value = self._values[key]
+        return self._decode(value)
 
     def __contains__(self, name) -> bool:
-        return isinstance(name, str) and name.lower() in self._raw
+        return self._name(name) is not None
 
     def __iter__(self) -> Iterator[str]:
-        return (name for name, _ in self._raw.values())
+        return iter(self._values)
 
     def __len__(self) -> int:
-        return len(self._raw)
+        return len(self._values)
 
     def raw(self, name: str, default=None):
         """The value exactly as it was on the wire (still url-encoded where it was)."""
-        item = self._raw.get(name.lower())
-        return default if item is None else item[1]
+        key = self._name(name)
+        return default if key is None else self._values[key]
 
     def _decode(self, value):
-        if isinstance(value, str):
+        if value.__class__ is str:
             if self._encoded and "%" in value:
                 value = unquote(value, errors="replace")
             if value.startswith(ARRAY_PREFIX):
@@ -91,6 +112,10 @@ class Headers(Mapping):
 
     def __repr__(self) -> str:
         return f"Headers({dict(self.items())!r})"
+
+
+# One header per line, split at the first ": " (the common case, matched in C).
+_HEADER_LINE = re.compile(r"^(.*?): (.*)$", re.MULTILINE)
 
 
 def _split_header_block(block: bytes) -> list[tuple[str, str]]:
@@ -102,7 +127,10 @@ def _split_header_block(block: bytes) -> list[tuple[str, str]]:
     text = block.decode("utf-8", "replace")
     if "\r" in text:
         text = text.replace("\r", "")
-    pairs: list[tuple[str, str]] = []
+    pairs = _HEADER_LINE.findall(text)
+    if len(pairs) == text.count("\n") + 1:
+        return pairs   # every line was a header line
+    pairs = []
     for line in text.split("\n"):
         name, sep, value = line.partition(": ")
         if sep:
@@ -122,15 +150,12 @@ def _split_header_block(block: bytes) -> list[tuple[str, str]]:
 class Frame:
     """One frame from FreeSWITCH: outer headers and an optional raw body."""
 
-    __slots__ = ("headers", "body")
+    __slots__ = ("headers", "body", "content_type")
 
     def __init__(self, headers: Headers, body: bytes | None):
         self.headers = headers
         self.body = body
-
-    @property
-    def content_type(self) -> str | None:
-        return self.headers.get("Content-Type")
+        self.content_type: str | None = headers.get("Content-Type")
 
     @property
     def is_reply(self) -> bool:
@@ -218,7 +243,8 @@ class _Framer:
 
 def _content_length(pairs: list[tuple[str, str]], limit: int) -> int | None:
     for name, value in pairs:
-        if name.lower() == "content-length":
+        # FreeSWITCH writes "Content-Length"; other spellings are still honoured.
+        if name == "Content-Length" or (len(name) == 14 and name.lower() == "content-length"):
             try:
                 length = int(value.strip())
             except ValueError:
@@ -540,29 +566,25 @@ def _split_command_block(block: bytes) -> tuple[str, list[tuple[str, str]]]:
 # FreeSWITCH's side of the wire (used by the simulator and the tests)
 # --------------------------------------------------------------------------------------------
 
-_FS_UNSAFE = set(b"\r\n #%&+:;<=>?@[\\]^`{|}\"")
+# What switch_url_encode escapes: controls, space, non-ASCII, the unsafe set, and a "%" that does
+# not already start an upper-case %XX (FreeSWITCH never double-encodes those).
+_FS_ESCAPED = re.compile(rb'%(?![0-9A-F]{2})|[^\x21-\x7e]|[#&+:;<=>?@\[\\\]^`{|}"]')
 
 
-_UPPER_HEX = frozenset(b"0123456789ABCDEF")
+def _percent(match: re.Match) -> bytes:
+    return b"%%%02X" % match.group()[0]
 
 
 def fs_url_encode(value: str) -> str:
-    """Encode a value as switch_url_encode does: %XX for controls, non-ASCII and the unsafe set.
+    """Encode a value as switch_url_encode does (%XX, upper-case hex).
 
-    Like FreeSWITCH, an existing ``%XX`` with upper-case hex digits is left alone (no double
-    encoding), which makes decoding lossy for values that already contain such sequences.
+    Like FreeSWITCH, an existing ``%XX`` with upper-case hex digits is left alone, which makes
+    decoding lossy for values that already contain such sequences.
     """
     data = value.encode("utf-8")
-    out = []
-    for index, byte in enumerate(data):
-        if byte == 0x25 and data[index + 1:index + 2] and data[index + 2:index + 3] and \
-                data[index + 1] in _UPPER_HEX and data[index + 2] in _UPPER_HEX:
-            out.append("%")
-        elif byte < 0x20 or byte > 0x7E or byte in _FS_UNSAFE:
-            out.append("%%%02X" % byte)
-        else:
-            out.append(chr(byte))
-    return "".join(out)
+    if _FS_ESCAPED.search(data) is None:
+        return value
+    return _FS_ESCAPED.sub(_percent, data).decode("ascii")
 
 
 def serialize_event_plain(headers: Iterable[tuple[str, str]], body: bytes = b"") -> bytes:

@@ -18,6 +18,8 @@ Design rules, each learnt from a peer library's production bug (docs/esl-peers.m
 from __future__ import annotations
 
 import logging
+import os
+import random
 import socket
 import time
 import uuid as uuidlib
@@ -43,6 +45,14 @@ CONNECT_SETTLE_SECONDS = 0.025
 CLOSE_DRAIN_SECONDS = 5.0
 RECV_SIZE = 65536
 _CLOSED = object()   # queue sentinel: no event will ever follow
+# Event-UUID and Job-UUID only need to be unique, not secret: a PRNG seeded once per process
+# (after fork) avoids a getrandom() syscall per execute.
+_uuid_bits = random.Random()
+os.register_at_fork(after_in_child=_uuid_bits.seed)
+
+
+def new_uuid() -> str:
+    return str(uuidlib.UUID(int=_uuid_bits.getrandbits(128), version=4))
 
 
 class ESLError(Exception):
@@ -356,7 +366,7 @@ class Session:
                            uuid=self.uuid, command=command)
         timeout = self.settings.wait_timeout if timeout is None else timeout
         runs_inline = self.socket_mode == "static" and not options.get("async_")
-        event_uuid = str(uuidlib.uuid4())
+        event_uuid = new_uuid()
         result = AsyncResult()
         if wait:
             self._executes[event_uuid] = (result, command)
@@ -413,7 +423,7 @@ class Session:
         """
         if not self._background_jobs_subscribed:
             self.events("BACKGROUND_JOB")
-        job_uuid = str(uuidlib.uuid4())
+        job_uuid = new_uuid()
         result = AsyncResult()
         self._jobs[job_uuid] = result
         try:
@@ -455,10 +465,14 @@ class Session:
                 command=description)
         slot = AsyncResult()
         with self._write_lock:
-            # Queue the slot before writing: the reply may be read while sendall yields.
+            # Queue the slot before writing: the reply may be read while a send yields.
             self._pending.append((slot, description))
             try:
-                self._sock.sendall(data)
+                # Commands are small: plain send() (gevent's sendall asks the kernel for the
+                # buffer size on every call), looping only if the kernel took part of it.
+                sent = self._sock.send(data)
+                while sent < len(data):
+                    sent += self._sock.send(data[sent:])
             except OSError as exc:
                 self._shutdown(f"send failed: {exc}")
         self.counters.commands += 1

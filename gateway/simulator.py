@@ -20,14 +20,11 @@ It uses gevent's sockets explicitly (no monkey-patching), so it also runs inside
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import socket
-import sys
 import time
 import uuid as uuidlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import gevent
 from gevent import socket as gsocket
@@ -52,6 +49,7 @@ class CallOptions:
     control: str = "full"               # full | single-channel
     hangup_after_ms: tuple[float, float] = (0.0, 2.0)   # hangup-race: caller hangs up in this window
     playback_ms: float = 0.0            # how long each playback runs
+    event_interval: float | None = None  # emit a DTMF event this often while an app runs
     linger_cap: float = 0.2             # simulate at most this much of any linger time
     connect_wait: float = 25.0          # FreeSWITCH's wait for the first command
     close_grace: float = 5.0            # how long the gateway may keep the socket after we close
@@ -183,7 +181,7 @@ class SimulatedCall:
             command = self._next_command(None, "")
             if command is None:
                 return
-            self.result.commands.append(command.line)
+            self.result.commands.append(describe(command))
             self._on_command(command)
 
     def _next_command(self, timeout: float | None, timeout_detail: str) -> Command | None:
@@ -347,7 +345,7 @@ class SimulatedCall:
             self._emit("CHANNEL_ANSWER")
         elif app == "playback":
             response = "FILE PLAYED"
-            if self.hungup.wait(self.options.playback_ms / 1000):
+            if self._play(self.options.playback_ms / 1000):
                 return   # the hangup sequence reports the interrupted app
         elif app == "hangup":
             self.running_app = None
@@ -355,6 +353,19 @@ class SimulatedCall:
             return
         self.running_app = None
         self._emit("CHANNEL_EXECUTE_COMPLETE", app_headers + [("Application-Response", response)])
+
+    def _play(self, seconds: float) -> bool:
+        """Let a playback run (with a DTMF now and then, if asked); True if the call hung up."""
+        interval = self.options.event_interval
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            if self.hungup.wait(left if interval is None else min(left, interval)):
+                return True
+            if interval is not None and end - time.monotonic() > 0:
+                self._emit("DTMF", [("DTMF-Digit", "1"), ("DTMF-Duration", "2000")])
 
     def _hangup(self, cause: str) -> None:
         """The channel goes down: the hangup events, the linger, the disconnect notice."""
@@ -467,6 +478,16 @@ class SimulatedCall:
                 ("variable_current_application", "socket")]
 
 
+def describe(command: Command) -> str:
+    """A command as an operator would name it: ``sendmsg execute playback``, ``linger 10``."""
+    if command.name != "sendmsg":
+        return command.line
+    headers = command.headers
+    words = [command.line, headers.get("call-command") or "", headers.get("execute-app-name")
+             or ""]
+    return " ".join(word for word in words if word)
+
+
 # ------------------------------------------------------------------------------------------
 # Load
 # ------------------------------------------------------------------------------------------
@@ -502,40 +523,28 @@ class LoadResult:
 
 def run_load(address: tuple[str, int], calls: int, rate: float | None = None,
              concurrency: int | None = None, options: CallOptions | None = None,
-             seed: int | None = None) -> LoadResult:
-    """Offer ``calls`` calls, open loop at ``rate`` calls/s and/or at most ``concurrency`` at once."""
+             seed: int | None = None, on_result=None) -> LoadResult:
+    """Offer ``calls`` calls, open loop at ``rate`` calls/s and/or at most ``concurrency`` at once.
+
+    ``on_result(result)`` is called as each call ends (for live progress).
+    """
     options = options or CallOptions()
     rng = random.Random(seed)
     group = Pool(concurrency) if concurrency else Pool()
     results: list[CallResult] = []
+
+    def one(call: SimulatedCall) -> None:
+        result = call.run()
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
     start = time.monotonic()
     for index in range(calls):
         if rate:
             delay = start + index / rate - time.monotonic()
             if delay > 0:
                 gevent.sleep(delay)
-        call = SimulatedCall(address, options, random.Random(rng.random()))
-        group.spawn(lambda c=call: results.append(c.run()))
+        group.spawn(one, SimulatedCall(address, options, random.Random(rng.random())))
     group.join()
     return LoadResult(results, time.monotonic() - start)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.simulator",
-                                     description="Offer simulated FreeSWITCH calls to a gateway.")
-    parser.add_argument("address", metavar="HOST:PORT")
-    parser.add_argument("--calls", type=int, default=100)
-    parser.add_argument("--rate", type=float, default=50.0, help="calls per second")
-    parser.add_argument("--concurrency", type=int, default=None)
-    parser.add_argument("--scenario", choices=SCENARIOS, default="ivr")
-    parser.add_argument("--playback-ms", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    host, _, port = args.address.rpartition(":")
-    result = run_load((host.strip("[]"), int(port)), args.calls, args.rate, args.concurrency,
-                      CallOptions(scenario=args.scenario, playback_ms=args.playback_ms))
-    print(json.dumps(result.summary(), indent=2))
-    return 0 if not result.failures() else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

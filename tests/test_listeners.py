@@ -51,3 +51,17 @@ def test_ipv6_only_address():
             pass
     finally:
         sock.close()
+
+
+def test_accepted_calls_inherit_nodelay_and_keepalive():
+    """Options set once on the listener reach every call without a syscall per call."""
+    sock = listeners.bind("127.0.0.1:0", backlog=16)
+    sock.setblocking(True)
+    try:
+        with socket.create_connection(sock.getsockname(), timeout=2):
+            conn, _ = sock.accept()
+            with conn:
+                for level, option, value in listeners.CALL_SOCKET_OPTIONS:
+                    assert conn.getsockopt(level, option) == value, option
+    finally:
+        sock.close()

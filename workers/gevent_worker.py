@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import signal
-import socket as stdlib_socket
 import time
 import traceback
 import warnings
@@ -42,8 +41,6 @@ ACCEPT_SKIPPABLE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRE
 ACCEPT_ERROR_LOG_INTERVAL = 10.0   # at most one accept-error log line per interval
 QUICK_STOP_SECONDS = 2.0
 MAX_BLOCKING_REPORT = 1.0   # gevent's monitor logs the stack of a loop blocked this long
-KEEPALIVE = ((stdlib_socket.TCP_KEEPIDLE, 30), (stdlib_socket.TCP_KEEPINTVL, 10),
-             (stdlib_socket.TCP_KEEPCNT, 3))
 
 
 class GeventWorker:
@@ -204,10 +201,6 @@ class GeventWorker:
         self._accept_errors_logged_at, self._accept_errors_unlogged = now, 0
 
     def _serve_call(self, conn) -> None:
-        conn.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
-        conn.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE, 1)
-        for option, value in KEEPALIVE:
-            conn.setsockopt(stdlib_socket.IPPROTO_TCP, option, value)
         session = Session(conn, self.settings, self.counters)
         self.sessions.add(session)
         try:

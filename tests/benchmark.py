@@ -1,0 +1,277 @@
+"""esl-gateway benchmark: figures measured side by side with a raw gevent baseline, in one run.
+
+    .venv/bin/python tests/benchmark.py            # everything (several minutes)
+    .venv/bin/python tests/benchmark.py --quick    # shorter steps, for a smoke run
+
+The baseline is the Python limit: two forked gevent processes on one shared socket doing the same
+byte exchange as the example IVR (connect, linger, myevents, answer, playback, hangup) with no
+parsing at all, only byte searches. Both servers are driven by the same load generator
+(``esl-gateway loadtest``, several processes) on the same 2-core machine, so the ratios are what
+matter; absolute figures depend on the machine and what else runs on it.
+
+Prints a table and one JSON line. Not collected by pytest (the name does not start with test_).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.gateway_process import GatewayProcess, gateway_command  # noqa: E402
+
+STEP = 250
+MAX_RATE = 3000
+
+
+# ------------------------------------------------------------------------------------------
+# The raw baseline: same bytes, no parsing
+# ------------------------------------------------------------------------------------------
+
+def raw_server(sock: socket.socket) -> None:
+    """Serve the example IVR's byte exchange on ``sock`` with plain gevent (runs forked)."""
+    from gevent import monkey
+    monkey.patch_all()
+    from gevent.server import StreamServer
+
+    def read_until(conn, buffer: bytearray, needle: bytes, count: int = 1) -> bool:
+        while buffer.count(needle) < count:
+            data = conn.recv(65536)
+            if not data:
+                return False
+            buffer += data
+        return True
+
+    def handle(conn, _address):
+        buffer = bytearray()
+        steps = [(b"connect\n\n", b"\n\n", 1), (b"linger 10\n\n", b"+OK will linger", 1),
+                 (b"myevents\n\n", b"+OK Events Enabled", 1)]
+        for app in (b"answer", b"playback"):
+            event_uuid = str(uuid.uuid4()).encode()
+            steps.append((b"sendmsg\ncall-command: execute\nexecute-app-name: " + app +
+                          (b"\nexecute-app-arg: prompt.wav" if app == b"playback" else b"") +
+                          b"\nEvent-UUID: " + event_uuid + b"\n\n",
+                          b"Application-UUID: " + event_uuid, 2))
+        steps.append((b"sendmsg\ncall-command: hangup\nhangup-cause: NORMAL_CLEARING\n\n",
+                      b"CHANNEL_HANGUP_COMPLETE", 1))
+        try:
+            for command, needle, count in steps:
+                conn.sendall(command)
+                if not read_until(conn, buffer, needle, count):
+                    return
+                del buffer[:buffer.rfind(needle) + len(needle)]
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    server = StreamServer(sock, handle)
+    server.max_accept = 1
+    server.serve_forever()
+
+
+def start_raw(workers: int = 2):
+    sock = socket.create_server(("127.0.0.1", 0), backlog=2048)
+    sock.setblocking(False)
+    pids = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                raw_server(sock)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    return sock, pids
+
+
+# ------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------
+
+def cpu_seconds(pids) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def loadtest(address, *args) -> tuple[dict, float]:
+    """Run `esl-gateway loadtest --json`; returns its summary and the generator's CPU seconds."""
+    before = os.times()
+    output = subprocess.run([*gateway_command(), "loadtest", "%s:%d" % address, "--json", *args],
+                            capture_output=True, text=True, timeout=900)
+    after = os.times()
+    generator_cpu = (after.children_user - before.children_user
+                     + after.children_system - before.children_system)
+    return json.loads(output.stdout), generator_cpu
+
+
+def max_clean_rate(address, seconds: float, procs: int) -> tuple[int, list]:
+    """The highest rate (steps of 250 calls/s) at which every call completes."""
+    best, steps = 0, []
+    for rate in range(STEP, MAX_RATE + 1, STEP):
+        view, _ = loadtest(address, "--rate", str(rate), "--duration", str(seconds),
+                           "--procs", str(procs), "--connect-wait", "10")
+        clean = view["outcomes"]["completed"] == view["calls"]
+        generator_bound = view["offered_rate"] < rate * 0.95
+        steps.append({"rate": rate, "offered": view["offered_rate"], "clean": clean,
+                      "generator_bound": generator_bound,
+                      "first_byte_p99_ms": view["first_byte_ms"]["p99"]})
+        if not clean:
+            break
+        best = rate
+        if generator_bound:
+            break   # the generator, not the server, is the limit from here
+    return best, steps
+
+
+def cpu_per_call(address, pids_of, rate: int, seconds: float, procs: int) -> float:
+    before = cpu_seconds(pids_of())
+    view, _ = loadtest(address, "--rate", str(rate), "--duration", str(seconds), "--procs",
+                       str(procs))
+    after = cpu_seconds(pids_of())
+    return (after - before) / max(view["outcomes"]["completed"], 1)
+
+
+def latency(address, rate: int, seconds: float) -> dict:
+    view, _ = loadtest(address, "--rate", str(rate), "--duration", str(seconds), "--procs", "2")
+    return view["first_byte_ms"]
+
+
+def rss_per_held_call(gateway: GatewayProcess, calls: int, procs: int) -> float:
+    """RSS growth of the gateway per concurrent `long` call (calls held 30 s)."""
+    pids = [gateway.pid, *gateway.worker_pids()]
+    before = sum(rss(pid) for pid in pids)
+    load = subprocess.Popen([*gateway_command(), "loadtest", "%s:%d" % gateway.address,
+                             "--scenario", "long", "--hold", "30", "--calls", str(calls),
+                             "--concurrency", str(calls), "--procs", str(procs), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    peak = before
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        active = sum(w["calls_active"] for w in gateway.stats()["workers"])
+        peak = max(peak, sum(rss(pid) for pid in [gateway.pid, *gateway.worker_pids()]))
+        if active >= calls * 0.99:
+            break
+    load.wait(120)
+    return (peak - before) / calls
+
+
+def rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def replacement_time(gateway: GatewayProcess, tries: int = 5) -> float:
+    """Seconds from SIGKILL of a worker to its replacement taking a call (best of ``tries``)."""
+    times = []
+    for _ in range(tries):
+        victim = gateway.worker_pids()[0]
+        others = set(gateway.worker_pids()) - {victim}
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)   # so only the replacement can take the probe call
+        try:
+            killed = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            with socket.create_connection(gateway.address, timeout=10) as probe:
+                probe.settimeout(10)
+                assert probe.recv(64).startswith(b"connect")
+                times.append(time.monotonic() - killed)
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(1.5)
+    return min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs")
+    parser.add_argument("--procs", type=int, default=2, help="load generator processes")
+    args = parser.parse_args()
+    seconds = 3 if args.quick else 10
+    results = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
+    workdir = Path(tempfile.mkdtemp(prefix="esl-bench-"))
+    gateway = GatewayProcess(workdir, "gateway.examples.ivr:handle", 2,
+                             ["--worker-connections", "6000", "--log-level", "warning"],
+                             max_open_files=65536).start()
+    raw_sock, raw_pids = start_raw()
+    raw_address = raw_sock.getsockname()
+    try:
+        gateway_pids = lambda: [gateway.pid, *gateway.worker_pids()]  # noqa: E731
+        results["max_rate"], results["rate_steps"] = max_clean_rate(gateway.address, seconds,
+                                                                    args.procs)
+        results["raw_max_rate"], results["raw_rate_steps"] = max_clean_rate(
+            raw_address, seconds, args.procs)
+        results["cpu_ms_per_call"] = 1000 * cpu_per_call(gateway.address, gateway_pids, 300,
+                                                         seconds, args.procs)
+        results["raw_cpu_ms_per_call"] = 1000 * cpu_per_call(raw_address, lambda: raw_pids, 300,
+                                                             seconds, args.procs)
+        results["cpu_ratio"] = results["cpu_ms_per_call"] / results["raw_cpu_ms_per_call"]
+        results["first_byte_at_200"] = latency(gateway.address, 200, seconds)
+        results["raw_first_byte_at_200"] = latency(raw_address, 200, seconds)
+        results["replacement_s"] = replacement_time(gateway)
+        for held in (1000, 10000):
+            results[f"rss_kib_per_call_{held}"] = rss_per_held_call(gateway, held, args.procs) / 1024
+    finally:
+        gateway.stop()
+        for pid in raw_pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raw_sock.close()
+    print(report(results))
+    print(json.dumps(results))
+    return 0
+
+
+def report(r: dict) -> str:
+    def mark(ok):
+        return "held" if ok else "NOT held"
+    lines = [f"esl-gateway benchmark, {r['date']}, {r['cores']} cores (generator shares them)",
+             "",
+             f"{'figure':<44}{'esl-gateway':>14}{'raw gevent':>14}   target",
+             f"{'max ivr rate, 0 errors (calls/s)':<44}{r['max_rate']:>14}{r['raw_max_rate']:>14}"
+             f"   1500: {mark(r['max_rate'] >= 1500)}",
+             f"{'server CPU per ivr call (ms)':<44}{r['cpu_ms_per_call']:>14.3f}"
+             f"{r['raw_cpu_ms_per_call']:>14.3f}   <= 1.5x raw: ratio {r['cpu_ratio']:.2f} "
+             f"{mark(r['cpu_ratio'] <= 1.5)}",
+             f"{'first byte p50 / p99 at 200 calls/s (ms)':<44}"
+             f"{r['first_byte_at_200']['p50']:>6.2f} / {r['first_byte_at_200']['p99']:<5.2f}"
+             f"{r['raw_first_byte_at_200']['p50']:>6.2f} / {r['raw_first_byte_at_200']['p99']:<5.2f}"
+             f"   p99 < 5 ms: {mark(r['first_byte_at_200']['p99'] < 5)}",
+             f"{'RSS per held call, 1000 calls (KiB)':<44}{r['rss_kib_per_call_1000']:>14.1f}",
+             f"{'RSS per held call, 10000 calls (KiB)':<44}{r['rss_kib_per_call_10000']:>14.1f}"
+             f"{'':>14}   <= 30: {mark(r['rss_kib_per_call_10000'] <= 30)}",
+             f"{'SIGKILL to replacement accepting (ms)':<44}{r['replacement_s'] * 1000:>14.0f}"
+             f"{'':>14}   <= 250: {mark(r['replacement_s'] <= 0.25)}"]
+    for name in ("rate_steps", "raw_rate_steps"):
+        lines.append(f"{name}: " + ", ".join(
+            f"{s['rate']}{'' if s['clean'] else ' FAILED'}"
+            f"{' (generator-bound)' if s['generator_bound'] else ''}" for s in r[name]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
