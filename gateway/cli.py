@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from gateway import __version__, config, loadtest, upgrade
+from gateway import __version__, config, loadtest, probe, upgrade
 from gateway.app import check_app
 from workers.base import EXIT_BOOT_ERROR
 
@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bind the listening sockets once and serve FreeSWITCH outbound ESL calls "
                     "with pre-forked gevent workers.")
     config.add_arguments(run)
+    probe_command = commands.add_parser(
+        "probe", help="play FreeSWITCH calling a listener once, and say what it would see",
+        description=probe.__doc__.split("\n\n")[0])
+    probe.add_arguments(probe_command)
     loadtest_command = commands.add_parser(
         "loadtest", help="offer simulated FreeSWITCH calls to an outbound ESL server",
         description=loadtest.__doc__.split("\n\n")[0])
@@ -120,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_stats(args)
     if args.command == "loadtest":
         return loadtest.main(args)
+    if args.command == "probe":
+        return probe.main(args)
     return cmd_signal(args, signal.SIGHUP if args.command == "reload" else signal.SIGUSR2)
 
 

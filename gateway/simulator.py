@@ -62,6 +62,7 @@ class CallResult:
     outcome: str
     detail: str = ""
     uuid: str = ""
+    accepted_ms: float | None = None     # the TCP handshake completed
     first_byte_ms: float | None = None   # TCP connect → `connect` received
     duration_ms: float = 0.0
     variables: dict[str, str] = field(default_factory=dict)   # set by the `set` app
@@ -131,10 +132,13 @@ class SimulatedCall:
     def _run(self, start: float) -> None:
         try:
             self.sock = gsocket.create_connection(self.address, timeout=self.options.connect_timeout)
-        except ConnectionRefusedError as exc:
+        except socket.timeout as exc:
+            self._end("timeout", f"TCP handshake: {exc}")
+        except ConnectionResetError as exc:
+            self._end("reset", str(exc))
+        except OSError as exc:   # refused, or unreachable: the connect fails at once either way
             self._end("refused", str(exc))
-        except (socket.timeout, OSError) as exc:
-            self._end("timeout" if isinstance(exc, socket.timeout) else "refused", str(exc))
+        self.result.accepted_ms = (time.monotonic() - start) * 1000
         self.sock.settimeout(None)
         # FreeSWITCH sets these on its outbound socket (mod_event_socket.c, socket_function).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -169,10 +173,10 @@ class SimulatedCall:
                                    f"{self.options.connect_wait}s (FreeSWITCH gives up)")
         if first is None:
             return
-        self.result.first_byte_ms = (time.monotonic() - start) * 1000
         if first.name != "connect":
             self._end("protocol_error", f"first command was {first.line!r}, not connect: "
                                         "FreeSWITCH swallows its reply and the client hangs")
+        self.result.first_byte_ms = (time.monotonic() - start) * 1000
         self.connected = True
         self.result.commands.append(first.line)
         self._write(protocol.connect_reply_frame(self._channel_data(), self.options.socket_mode,
