@@ -17,6 +17,7 @@ this module exists to get right (see docs/esl-protocol.md §3, §4, §9 and §13
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Iterable, Iterator, Mapping
@@ -285,16 +286,41 @@ class Parser:
 # --------------------------------------------------------------------------------------------
 
 class Event:
-    """A FreeSWITCH event, whatever format it came in: name, case-insensitive headers, raw body."""
+    """A FreeSWITCH event, whatever format it came in: name, case-insensitive headers, raw body.
 
-    __slots__ = ("headers", "body")
+    A text/event-plain event keeps its header block as bytes until a header is asked for: most
+    events a call receives are only looked at by name (or not at all), and a parsed header map
+    costs several times the bytes in memory (a real event has ~100 headers).
+    """
+
+    __slots__ = ("_headers", "_block", "body")
 
     def __init__(self, headers: Headers, body: bytes = b""):
-        self.headers = headers
+        self._headers: Headers | None = headers
+        self._block: bytes | None = None
         self.body = body
+
+    @classmethod
+    def plain(cls, block: bytes, body: bytes) -> "Event":
+        """An event whose header block is parsed on first use."""
+        event = cls.__new__(cls)
+        event._headers, event._block, event.body = None, block, body
+        return event
+
+    @property
+    def headers(self) -> Headers:
+        if self._headers is None:
+            self._headers = Headers(_split_header_block(self._block), encoded=True)
+            self._block = None
+        return self._headers
 
     @property
     def name(self) -> str | None:
+        block = self._block
+        if block is not None and block.startswith(b"Event-Name: "):
+            # FreeSWITCH always serialises Event-Name first, and names need no decoding.
+            end = block.find(b"\n")
+            return block[12:end if end >= 0 else len(block)].decode("ascii", "replace")
         return self.headers.get("Event-Name")
 
     @property
@@ -337,16 +363,19 @@ def parse_event(frame: Frame) -> Event:
 
 
 def _parse_plain_event(data: bytes) -> Event:
+    """Cut the event's own body by its inner Content-Length (validated now), headers later."""
     end = data.find(b"\n\n")
     block, rest = (data, b"") if end < 0 else (data[:end], data[end + 2:])
-    pairs = _split_header_block(block)
     body = b""
-    for name, value in pairs:
-        if name.lower() == "content-length":
-            if not value.strip().isdigit():
-                raise ProtocolError(f"invalid inner Content-Length {value[:40]!r}")
-            body = rest[:int(value)]
-    return Event(Headers(pairs, encoded=True), body)
+    # Values are url-encoded in plain events, so this text can only be the header itself.
+    at = block.rfind(b"Content-Length: ")
+    if at == 0 or (at > 0 and block[at - 1] == 0x0A):
+        line_end = block.find(b"\n", at)
+        value = block[at + 16:line_end if line_end >= 0 else len(block)].strip()
+        if not value.isdigit():
+            raise ProtocolError(f"invalid inner Content-Length {value[:40]!r}")
+        body = rest[:int(value)]
+    return Event.plain(block, body)
 
 
 def _parse_json_event(data: bytes) -> Event:
@@ -575,6 +604,7 @@ def _percent(match: re.Match) -> bytes:
     return b"%%%02X" % match.group()[0]
 
 
+@functools.lru_cache(maxsize=8192)   # the simulator encodes the same channel values per event
 def fs_url_encode(value: str) -> str:
     """Encode a value as switch_url_encode does (%XX, upper-case hex).
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from tests.gateway_process import GatewayProcess, gateway_command  # noqa: E402
 
 STEP = 250
 MAX_RATE = 3000
+OPEN_FILES = 65536
 
 
 # ------------------------------------------------------------------------------------------
@@ -125,9 +127,13 @@ def loadtest(address, *args) -> tuple[dict, float]:
     return json.loads(output.stdout), generator_cpu
 
 
-def max_clean_rate(address, seconds: float, procs: int) -> tuple[int, list]:
-    """The highest rate (steps of 250 calls/s) at which every call completes."""
-    best, steps = 0, []
+def max_clean_rate(address, seconds: float, procs: int) -> tuple[float, list]:
+    """The highest rate actually offered (steps of 250 calls/s asked) with every call completed.
+
+    When the generator cannot offer the rate asked (it shares the cores), the rate it did offer
+    is the figure, and the step is marked generator-bound: the server was not the limit.
+    """
+    best, steps = 0.0, []
     for rate in range(STEP, MAX_RATE + 1, STEP):
         view, _ = loadtest(address, "--rate", str(rate), "--duration", str(seconds),
                            "--procs", str(procs), "--connect-wait", "10")
@@ -138,7 +144,7 @@ def max_clean_rate(address, seconds: float, procs: int) -> tuple[int, list]:
                       "first_byte_p99_ms": view["first_byte_ms"]["p99"]})
         if not clean:
             break
-        best = rate
+        best = view["offered_rate"]
         if generator_bound:
             break   # the generator, not the server, is the limit from here
     return best, steps
@@ -163,7 +169,7 @@ def rss_per_held_call(gateway: GatewayProcess, calls: int, procs: int) -> float:
     before = sum(rss(pid) for pid in pids)
     load = subprocess.Popen([*gateway_command(), "loadtest", "%s:%d" % gateway.address,
                              "--scenario", "long", "--hold", "30", "--calls", str(calls),
-                             "--concurrency", str(calls), "--procs", str(procs), "--json"],
+                             "--rate", "1000", "--procs", str(procs), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = before
     deadline = time.monotonic() + 25
@@ -206,17 +212,44 @@ def replacement_time(gateway: GatewayProcess, tries: int = 5) -> float:
     return min(times)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_gateway(workdir: Path, open_files: int) -> GatewayProcess:
+    """The gateway with the example app, quiet (warnings only), ready when /healthz says so."""
+    port, stats_port = free_port(), free_port()
+    gateway = GatewayProcess(workdir, "gateway.examples.ivr:handle", 2,
+                             ["-b", f"127.0.0.1:{port}", "--stats", f"127.0.0.1:{stats_port}",
+                              "--worker-connections", "6000", "--log-level", "warning"],
+                             max_open_files=open_files).start(wait_ready=False)
+    gateway.address, gateway.stats_address = ("127.0.0.1", port), ("127.0.0.1", stats_port)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if gateway.http_get("/healthz")[0] == 200:
+                return gateway
+        except OSError:
+            pass   # not listening yet
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway did not become ready:\n{gateway.log()}")
+        time.sleep(0.1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     args = parser.parse_args()
+    # 10 000 held calls need that many sockets, split over the processes (which inherit this).
+    open_files = min(OPEN_FILES, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
     seconds = 3 if args.quick else 10
     results = {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()}
     workdir = Path(tempfile.mkdtemp(prefix="esl-bench-"))
-    gateway = GatewayProcess(workdir, "gateway.examples.ivr:handle", 2,
-                             ["--worker-connections", "6000", "--log-level", "warning"],
-                             max_open_files=65536).start()
+    gateway = start_gateway(workdir, open_files)
     raw_sock, raw_pids = start_raw()
     raw_address = raw_sock.getsockname()
     try:
@@ -252,8 +285,9 @@ def report(r: dict) -> str:
     lines = [f"esl-gateway benchmark, {r['date']}, {r['cores']} cores (generator shares them)",
              "",
              f"{'figure':<44}{'esl-gateway':>14}{'raw gevent':>14}   target",
-             f"{'max ivr rate, 0 errors (calls/s)':<44}{r['max_rate']:>14}{r['raw_max_rate']:>14}"
-             f"   1500: {mark(r['max_rate'] >= 1500)}",
+             f"{'max ivr rate offered, 0 errors (calls/s)':<44}{r['max_rate']:>14.0f}"
+             f"{r['raw_max_rate']:>14.0f}   1500: {mark(r['max_rate'] >= 1500)}"
+             + (" (generator-bound)" if r["rate_steps"][-1]["generator_bound"] else ""),
              f"{'server CPU per ivr call (ms)':<44}{r['cpu_ms_per_call']:>14.3f}"
              f"{r['raw_cpu_ms_per_call']:>14.3f}   <= 1.5x raw: ratio {r['cpu_ratio']:.2f} "
              f"{mark(r['cpu_ratio'] <= 1.5)}",

@@ -44,9 +44,10 @@ class GatewayProcess:
         self.address: tuple[str, int] | None = None
 
     def start(self, wait_ready: bool = True) -> "GatewayProcess":
+        bind = [] if "-b" in self.args else ["-b", "127.0.0.1:0"]
         stats = [] if "--stats" in self.args else ["--stats", "127.0.0.1:0"]
-        command = [*gateway_command(), "run", "-b", "127.0.0.1:0", "-w", str(self.workers),
-                   *stats, *self.args, self.app]
+        command = [*gateway_command(), "run", *bind, "-w", str(self.workers), *stats,
+                   *self.args, self.app]
         env = dict(self.env)
         if self.listen_socks:
             # systemd sets LISTEN_PID to the PID it execs; `exec` in sh keeps the shell's.
