@@ -185,6 +185,8 @@ class _Framer:
     ends at two newlines in a row, ignoring any ``\r`` between them (FreeSWITCH's own rule).
     """
 
+    __slots__ = ("max_frame_size", "_split_block", "_buf", "_scan_from", "_pending", "_body_len")
+
     def __init__(self, max_frame_size: int, split_block):
         self.max_frame_size = max_frame_size
         self._split_block = split_block
@@ -265,6 +267,8 @@ class Parser:
     event) and is the only outer block whose values are url-decoded; FreeSWITCH writes the other
     frames' outer values raw.
     """
+
+    __slots__ = ("_framer",)
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
         self._framer = _Framer(max_frame_size, lambda block: (_split_header_block(block),))
@@ -573,6 +577,8 @@ class CommandParser:
 
     Header values are kept raw: FreeSWITCH does not url-decode what clients send.
     """
+
+    __slots__ = ("_framer",)
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
         self._framer = _Framer(max_frame_size, _split_command_block)

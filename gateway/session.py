@@ -160,6 +160,12 @@ class BackgroundJob:
 class Session:
     """The handler's view of one call. Created by the worker for each accepted connection."""
 
+    # Thousands of these live at once in a worker: no per-instance __dict__.
+    __slots__ = ("settings", "counters", "uuid", "channel", "socket_mode", "control", "hungup",
+                 "hangup_cause", "close_reason", "_sock", "_parser", "_write_lock", "_pending",
+                 "_executes", "_jobs", "_events", "_closed", "_connected_at", "_event_format",
+                 "_background_jobs_subscribed", "_reader", "__weakref__")
+
     def __init__(self, sock, settings: SessionSettings | None = None,
                  counters: Counters | None = None):
         self.settings = settings or SessionSettings()
