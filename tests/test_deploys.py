@@ -184,3 +184,38 @@ def test_max_generations_closes_the_oldest_with_a_log(start_gateway):
     assert outcomes == ["early_close", "early_close", "completed"]
     assert len(re.findall(r"closing call still up: asked to quit \(SIGQUIT\)",
                           gateway.log())) == 2
+
+
+def test_reload_never_ready_is_abandoned_after_ready_timeout(start_gateway):
+    """New workers that hang while booting: after --ready-timeout the reload is abandoned, its
+    workers go, and the old generation serves throughout."""
+    gateway = start_gateway(app="slowboot:handle", workers=2, args=["--ready-timeout", "2"])
+    workers = sorted(gateway.worker_pids())
+    (gateway.workdir / "hang-on-boot").touch()
+    gateway.signal(signal.SIGHUP)
+    result = run_load(gateway.address, 100, 25, None, CallOptions(), 35)
+    gateway.wait_for_log(r"reload abandoned: generation 2 was not ready within 2s", timeout=15)
+    assert result.counts()["completed"] == 100
+    assert {r.served_by for r in result.results} <= set(workers)
+    wait = time.monotonic() + 15
+    while sorted(gateway.worker_pids()) != workers:   # the hung generation is gone
+        assert time.monotonic() < wait, gateway.worker_pids()
+        gevent.sleep(0.1)
+    assert gateway.stats()["master"]["reload_failures"] == 1
+
+
+def test_graceful_timeout_closes_leftover_calls_with_a_log_line(start_gateway):
+    """TERM with calls longer than --graceful-timeout: each is closed, logged, then the master
+    exits; nothing hangs for ever."""
+    gateway = start_gateway(workers=1, args=["--graceful-timeout", "1"])
+    calls = [SimulatedCall(gateway.address, CallOptions(playback_ms=30000), random.Random(i))
+             for i in range(3)]
+    running = [gevent.spawn(call.run) for call in calls]
+    with gevent.Timeout(10):
+        while not all(c.running_app for c in calls):
+            gevent.sleep(0.02)
+    gateway.signal(signal.SIGTERM)
+    outcomes = [greenlet.get(timeout=15).outcome for greenlet in running]
+    assert outcomes == ["early_close"] * 3
+    assert gateway.wait_exit(15) == 0
+    assert len(re.findall(r"closing call still up: the graceful timeout", gateway.log())) == 3

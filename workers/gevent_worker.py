@@ -132,6 +132,13 @@ class GeventWorker:
         ``reason`` is the exit's classification for the master: drained, stopped, recycled or
         orphaned.
         """
+        if self._state == "booting":
+            # No call accepted yet, and the app may take long to load (or never finish): an
+            # abandoned reload must not leave workers stuck in boot behind it.
+            log.info("worker %d (pid %d) %s while booting; exiting", self.spec.slot,
+                     os.getpid(), detail)
+            self._send("draining", reason=reason)
+            os._exit(EXIT_OK)
         if self._stop.is_set():
             if not graceful and self._graceful:   # a quick stop overrides a graceful one
                 self._graceful = False
