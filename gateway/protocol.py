@@ -149,14 +149,38 @@ def _split_header_block(block: bytes) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------
 
 class Frame:
-    """One frame from FreeSWITCH: outer headers and an optional raw body."""
+    """One frame from FreeSWITCH: outer headers and an optional raw body.
 
-    __slots__ = ("headers", "body", "content_type")
+    The outer header block is parsed on first use: an event frame is only ever asked for its
+    content type (found by a byte search), and events are most of what a call receives.
+    """
+
+    __slots__ = ("_headers", "_block", "_encoded", "body", "content_type")
 
     def __init__(self, headers: Headers, body: bytes | None):
-        self.headers = headers
+        self._headers: Headers | None = headers
+        self._block: bytes | None = None
+        self._encoded = False
         self.body = body
         self.content_type: str | None = headers.get("Content-Type")
+
+    @classmethod
+    def from_block(cls, block: bytes, body: bytes | None) -> "Frame":
+        frame = cls.__new__(cls)
+        frame._headers, frame._block, frame.body = None, block, body
+        # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded.
+        frame._encoded = body is None and _has_line(block, b"Event-Name: ")
+        frame.content_type = _line_value(block, b"Content-Type: ")
+        if frame.content_type is None and b"ontent-" in block:   # another spelling
+            frame.content_type = frame.headers.get("Content-Type")
+        return frame
+
+    @property
+    def headers(self) -> Headers:
+        if self._headers is None:
+            self._headers = Headers(_split_header_block(self._block), encoded=self._encoded)
+            self._block = None
+        return self._headers
 
     @property
     def is_reply(self) -> bool:
@@ -178,18 +202,36 @@ class Frame:
 _BLOCK_END_CR = re.compile(rb"\n\r*\n")
 
 
+def _has_line(block: bytes, prefix: bytes) -> bool:
+    return block.startswith(prefix) or b"\n" + prefix in block
+
+
+def _line_value(block: bytes, prefix: bytes) -> str | None:
+    """The value of the header line starting with ``prefix`` (exact case), or None."""
+    if block.startswith(prefix):
+        at = 0
+    else:
+        at = block.find(b"\n" + prefix)
+        if at < 0:
+            return None
+        at += 1
+    end = block.find(b"\n", at)
+    value = block[at + len(prefix):end if end >= 0 else len(block)]
+    return value.rstrip(b"\r").decode("utf-8", "replace")
+
+
 class _Framer:
-    """Cuts a byte stream into (header lines, body) pairs, enforcing a size limit.
+    """Cuts a byte stream into (header block, body) pairs, enforcing a size limit.
 
     Shared by both directions, since FreeSWITCH frames and our commands are framed alike. A block
     ends at two newlines in a row, ignoring any ``\r`` between them (FreeSWITCH's own rule).
+    Only the Content-Length is read here; the header lines are split by whoever needs them.
     """
 
-    __slots__ = ("max_frame_size", "_split_block", "_buf", "_scan_from", "_pending", "_body_len")
+    __slots__ = ("max_frame_size", "_buf", "_scan_from", "_pending", "_body_len")
 
-    def __init__(self, max_frame_size: int, split_block):
+    def __init__(self, max_frame_size: int):
         self.max_frame_size = max_frame_size
-        self._split_block = split_block
         self._buf = bytearray()
         self._scan_from = 0          # the block end cannot start before this offset
         self._pending = None         # parsed header block waiting for its body
@@ -223,12 +265,11 @@ class _Framer:
                 block = bytes(buf[:start])
                 del buf[:stop]
                 self._scan_from = 0
-                parsed = self._split_block(block)
-                length = _content_length(parsed[-1], self.max_frame_size)
+                length = _block_content_length(block, self.max_frame_size)
                 if length is None:
-                    out.append((parsed, None))
+                    out.append((block, None))
                     continue
-                self._pending, self._body_len = parsed, length
+                self._pending, self._body_len = block, length
             if len(buf) < self._body_len:
                 return out
             body = bytes(buf[:self._body_len])
@@ -242,6 +283,16 @@ class _Framer:
             return end, end + 2
         match = _BLOCK_END_CR.search(buf, self._scan_from)
         return (match.start(), match.end()) if match else (-1, -1)
+
+
+def _block_content_length(block: bytes, limit: int) -> int | None:
+    """The block's Content-Length, validated; found by a byte search in the usual spelling."""
+    value = _line_value(block, b"Content-Length: ")
+    if value is None:
+        if b"ontent-" not in block and b"ONTENT-" not in block:
+            return None
+        return _content_length(_split_header_block(block), limit)   # another spelling
+    return _content_length([("Content-Length", value)], limit)
 
 
 def _content_length(pairs: list[tuple[str, str]], limit: int) -> int | None:
@@ -271,18 +322,14 @@ class Parser:
     __slots__ = ("_framer",)
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
-        self._framer = _Framer(max_frame_size, lambda block: (_split_header_block(block),))
+        self._framer = _Framer(max_frame_size)
 
     @property
     def mid_frame(self) -> bool:
         return self._framer.mid_frame
 
     def feed(self, data: bytes) -> list[Frame]:
-        frames = []
-        for (pairs,), body in self._framer.feed(data):
-            encoded = body is None and any(name == "Event-Name" for name, _ in pairs)
-            frames.append(Frame(Headers(pairs, encoded=encoded), body))
-        return frames
+        return [Frame.from_block(block, body) for block, body in self._framer.feed(data)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,20 +628,20 @@ class CommandParser:
     __slots__ = ("_framer",)
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
-        self._framer = _Framer(max_frame_size, _split_command_block)
+        self._framer = _Framer(max_frame_size)
 
     @property
     def mid_frame(self) -> bool:
         return self._framer.mid_frame
 
     def feed(self, data: bytes) -> list[Command]:
-        return [Command(line, Headers(pairs), body)
-                for (line, pairs), body in self._framer.feed(data)]
+        return [Command(*_split_command_block(block), body)
+                for block, body in self._framer.feed(data)]
 
 
-def _split_command_block(block: bytes) -> tuple[str, list[tuple[str, str]]]:
+def _split_command_block(block: bytes) -> tuple[str, Headers]:
     line, _, rest = block.partition(b"\n")
-    return line.decode("utf-8", "replace").strip("\r"), _split_header_block(rest)
+    return line.decode("utf-8", "replace").strip("\r"), Headers(_split_header_block(rest))
 
 
 # --------------------------------------------------------------------------------------------
