@@ -465,7 +465,7 @@ class Master:
             os.set_inheritable(channel.fileno(), False)
             channel.setblocking(False)
             record = WorkerRecord(item["pid"], item["slot"], item["generation"], channel)
-            for name in RECORD_FIELDS[4:]:
+            for name in RECORD_FIELDS[3:]:   # the first three went to the constructor
                 setattr(record, name, item[name])
             record.reader = ipc.MessageReader(item["pending"])
             self.workers[record.pid] = record

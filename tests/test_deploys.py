@@ -219,3 +219,27 @@ def test_graceful_timeout_closes_leftover_calls_with_a_log_line(start_gateway):
     assert outcomes == ["early_close"] * 3
     assert gateway.wait_exit(15) == 0
     assert len(re.findall(r"closing call still up: the graceful timeout", gateway.log())) == 3
+
+
+def test_upgrade_hands_over_workers_counters_and_history(start_gateway):
+    """Across the exec the new image keeps the old workers' table (their uptime runs on), the
+    totals, the exit history and the deploy counters: nothing is forgotten."""
+    gateway = start_gateway(workers=2)
+    run_load(gateway.address, 50, 100)
+    victim = gateway.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    gateway.wait_for_log(r"ready, generation", count=3)
+    gevent.sleep(2.5)   # the old workers grow older than the upgrade itself takes
+    before = gateway.stats()
+    gateway.signal(signal.SIGUSR2)
+    gateway.wait_for_log("upgrade complete")
+    gateway.wait_for_log(r"gen 1\) exited cleanly \(drained\)", count=2)
+    after = gateway.stats()
+    assert after["master"]["pid"] == before["master"]["pid"]
+    assert after["master"]["started"] == before["master"]["started"]
+    assert after["master"]["upgrades"] == 1 and after["master"]["generation"] == 2
+    # (A SIGKILLed worker's last second of counts is lost: heartbeats are batched.)
+    assert after["totals"]["calls"] >= before["totals"]["calls"] > 0
+    assert any(e["pid"] == victim and e["classification"] == "killed" for e in after["exits"])
+    drained = [e for e in after["exits"] if e["classification"] == "drained"]
+    assert len(drained) == 2 and all(e["uptime"] > 2.5 for e in drained), drained

@@ -35,7 +35,6 @@ log = logging.getLogger("esl_gateway.worker")
 HEARTBEAT_INTERVAL = 1.0   # at most; a short --timeout needs several heartbeats within it
 # Accept failures such as EMFILE would repeat at once; back off instead of spinning the CPU.
 ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX = 0.01, 1.0
-ACCEPT_RETRYABLE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 # Errors about one connection that died in the queue: skip it and accept the next.
 ACCEPT_SKIPPABLE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 ACCEPT_ERROR_LOG_INTERVAL = 10.0   # at most one accept-error log line per interval
@@ -80,7 +79,6 @@ class GeventWorker:
         zope.event.subscribers.append(self._on_gevent_event)
         monkey.patch_all()
         from gevent import socket as gsocket   # after patching: the cooperative socket type
-        self._gsocket = gsocket
         self.channel = gsocket.socket(fileno=self.spec.channel.detach())
         self._title()
         self._install_signals()
