@@ -789,7 +789,7 @@ def test_no_event_is_delivered_after_session_closed(call):
     session, fs = call
     subscribe(session, fs)
     fs.event("CHANNEL_STATE", Event_Sequence="before")
-    wait_until(lambda: session._events.qsize() == 1, 1, "first event queued")
+    wait_until(lambda: len(session._events) == 1, 1, "first event queued")
     session.close()
     fs.expect_eof(timeout=0.5)
     fs.event("CHANNEL_STATE", Event_Sequence="after")   # already in flight when we closed
