@@ -144,7 +144,7 @@ def max_clean_rate(address, seconds: float, procs: int) -> tuple[float, list]:
                       "first_byte_p99_ms": view["first_byte_ms"]["p99"]})
         if not clean:
             break
-        best = view["offered_rate"]
+        best = max(best, view["offered_rate"])
         if generator_bound:
             break   # the generator, not the server, is the limit from here
     return best, steps
