@@ -71,23 +71,24 @@ class Headers(Mapping):
             self._folded = {key.lower(): key for key in self._values}
         return self._folded.get(name.lower()) if isinstance(name, str) else None
 
-    def __getitem__(self, name: str):
+    def _raw_value(self, name: str):
+        """The value as on the wire for ``name`` in any case, or _MISSING."""
         value = self._values.get(name, _MISSING)
         if value is _MISSING:
             key = self._name(name)
-            if key is None:
-                raise KeyError(name)
-            value = self._values[key]
+            if key is not None:
+                value = self._values[key]
+        return value
+
+    def __getitem__(self, name: str):
+        value = self._raw_value(name)
+        if value is _MISSING:
+            raise KeyError(name)
         return self._decode(value)
 
     def get(self, name: str, default=None):
-        value = self._values.get(name, _MISSING)
-        if value is _MISSING:
-            key = self._name(name)
-            if key is None:
-                return default
-            value = self._values[key]
-        return self._decode(value)
+        value = self._raw_value(name)
+        return default if value is _MISSING else self._decode(value)
 
     def __contains__(self, name) -> bool:
         return self._name(name) is not None
@@ -100,8 +101,8 @@ class Headers(Mapping):
 
     def raw(self, name: str, default=None):
         """The value exactly as it was on the wire (still url-encoded where it was)."""
-        key = self._name(name)
-        return default if key is None else self._values[key]
+        value = self._raw_value(name)
+        return default if value is _MISSING else value
 
     def _decode(self, value):
         if value.__class__ is str:
@@ -148,32 +149,17 @@ def _split_header_block(block: bytes) -> list[tuple[str, str]]:
 # Frames from FreeSWITCH
 # --------------------------------------------------------------------------------------------
 
-class Frame:
-    """One frame from FreeSWITCH: outer headers and an optional raw body.
+class _LazyHeaders:
+    """Keeps a header block as bytes and splits it into ``Headers`` on first use.
 
-    The outer header block is parsed on first use: an event frame is only ever asked for its
-    content type (found by a byte search), and events are most of what a call receives.
+    Most of what a call receives is only ever asked for its type or name (found by a byte
+    search), and a parsed header map costs several times the bytes (a real event has ~100).
     """
 
-    __slots__ = ("_headers", "_block", "_encoded", "body", "content_type")
+    __slots__ = ("_headers", "_block", "_encoded")
 
-    def __init__(self, headers: Headers, body: bytes | None):
-        self._headers: Headers | None = headers
-        self._block: bytes | None = None
-        self._encoded = False
-        self.body = body
-        self.content_type: str | None = headers.get("Content-Type")
-
-    @classmethod
-    def from_block(cls, block: bytes, body: bytes | None) -> "Frame":
-        frame = cls.__new__(cls)
-        frame._headers, frame._block, frame.body = None, block, body
-        # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded.
-        frame._encoded = body is None and _has_line(block, b"Event-Name: ")
-        frame.content_type = _line_value(block, b"Content-Type: ")
-        if frame.content_type is None and b"ontent-" in block:   # another spelling
-            frame.content_type = frame.headers.get("Content-Type")
-        return frame
+    def _set_headers(self, headers: Headers | None, block: bytes | None, encoded: bool) -> None:
+        self._headers, self._block, self._encoded = headers, block, encoded
 
     @property
     def headers(self) -> Headers:
@@ -181,6 +167,29 @@ class Frame:
             self._headers = Headers(_split_header_block(self._block), encoded=self._encoded)
             self._block = None
         return self._headers
+
+
+class Frame(_LazyHeaders):
+    """One frame from FreeSWITCH: outer headers (split on first use) and an optional raw body."""
+
+    __slots__ = ("body", "content_type")
+
+    def __init__(self, headers: Headers, body: bytes | None):
+        self._set_headers(headers, None, False)
+        self.body = body
+        self.content_type: str | None = headers.get("Content-Type")
+
+    @classmethod
+    def from_block(cls, block: bytes, body: bytes | None) -> "Frame":
+        frame = cls.__new__(cls)
+        # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded.
+        frame._set_headers(None, block, body is None and
+                           _line_start(block, b"Event-Name: ") >= 0)
+        frame.body = body
+        frame.content_type = _line_value(block, b"Content-Type: ")
+        if frame.content_type is None and b"ontent-" in block:   # another spelling
+            frame.content_type = frame.headers.get("Content-Type")
+        return frame
 
     @property
     def is_reply(self) -> bool:
@@ -202,19 +211,19 @@ class Frame:
 _BLOCK_END_CR = re.compile(rb"\n\r*\n")
 
 
-def _has_line(block: bytes, prefix: bytes) -> bool:
-    return block.startswith(prefix) or b"\n" + prefix in block
+def _line_start(block: bytes, prefix: bytes) -> int:
+    """Where the first line starting with ``prefix`` (exact case) begins, or -1."""
+    if block.startswith(prefix):
+        return 0
+    at = block.find(b"\n" + prefix)
+    return at if at < 0 else at + 1
 
 
 def _line_value(block: bytes, prefix: bytes) -> str | None:
     """The value of the header line starting with ``prefix`` (exact case), or None."""
-    if block.startswith(prefix):
-        at = 0
-    else:
-        at = block.find(b"\n" + prefix)
-        if at < 0:
-            return None
-        at += 1
+    at = _line_start(block, prefix)
+    if at < 0:
+        return None
     end = block.find(b"\n", at)
     value = block[at + len(prefix):end if end >= 0 else len(block)]
     return value.rstrip(b"\r").decode("utf-8", "replace")
@@ -288,27 +297,21 @@ class _Framer:
 def _block_content_length(block: bytes, limit: int) -> int | None:
     """The block's Content-Length, validated; found by a byte search in the usual spelling."""
     value = _line_value(block, b"Content-Length: ")
-    if value is None:
-        if b"ontent-" not in block and b"ONTENT-" not in block:
-            return None
-        return _content_length(_split_header_block(block), limit)   # another spelling
-    return _content_length([("Content-Length", value)], limit)
+    if value is None and (b"ontent-" in block or b"ONTENT-" in block):   # another spelling
+        value = Headers(_split_header_block(block)).get("Content-Length")
+    return None if value is None else _valid_length(value, limit)
 
 
-def _content_length(pairs: list[tuple[str, str]], limit: int) -> int | None:
-    for name, value in pairs:
-        # FreeSWITCH writes "Content-Length"; other spellings are still honoured.
-        if name == "Content-Length" or (len(name) == 14 and name.lower() == "content-length"):
-            try:
-                length = int(value.strip())
-            except ValueError:
-                raise ProtocolError(f"invalid Content-Length {value[:40]!r}") from None
-            if length < 0:
-                raise ProtocolError(f"negative Content-Length {length}")
-            if length > limit:
-                raise ProtocolError(f"Content-Length {length} exceeds the {limit}-byte limit")
-            return length
-    return None
+def _valid_length(value: str, limit: int | None, what: str = "Content-Length") -> int:
+    try:
+        length = int(value.strip())
+    except ValueError:
+        raise ProtocolError(f"invalid {what} {value[:40]!r}") from None
+    if length < 0:
+        raise ProtocolError(f"negative {what} {length}")
+    if limit is not None and length > limit:
+        raise ProtocolError(f"{what} {length} exceeds the {limit}-byte limit")
+    return length
 
 
 class Parser:
@@ -336,42 +339,32 @@ class Parser:
 # Events (the body of text/event-* frames, and the connect reply)
 # --------------------------------------------------------------------------------------------
 
-class Event:
+class Event(_LazyHeaders):
     """A FreeSWITCH event, whatever format it came in: name, case-insensitive headers, raw body.
 
-    A text/event-plain event keeps its header block as bytes until a header is asked for: most
-    events a call receives are only looked at by name (or not at all), and a parsed header map
-    costs several times the bytes in memory (a real event has ~100 headers).
+    A text/event-plain event keeps its header block as bytes until a header is asked for.
     """
 
-    __slots__ = ("_headers", "_block", "body")
+    __slots__ = ("body",)
 
     def __init__(self, headers: Headers, body: bytes = b""):
-        self._headers: Headers | None = headers
-        self._block: bytes | None = None
+        self._set_headers(headers, None, True)
         self.body = body
 
     @classmethod
     def plain(cls, block: bytes, body: bytes) -> "Event":
-        """An event whose header block is parsed on first use."""
+        """An event whose (url-encoded) header block is split on first use."""
         event = cls.__new__(cls)
-        event._headers, event._block, event.body = None, block, body
+        event._set_headers(None, block, True)
+        event.body = body
         return event
-
-    @property
-    def headers(self) -> Headers:
-        if self._headers is None:
-            self._headers = Headers(_split_header_block(self._block), encoded=True)
-            self._block = None
-        return self._headers
 
     @property
     def name(self) -> str | None:
         block = self._block
         if block is not None and block.startswith(b"Event-Name: "):
             # FreeSWITCH always serialises Event-Name first, and names need no decoding.
-            end = block.find(b"\n")
-            return block[12:end if end >= 0 else len(block)].decode("ascii", "replace")
+            return _line_value(block, b"Event-Name: ")
         return self.headers.get("Event-Name")
 
     @property
@@ -417,15 +410,9 @@ def _parse_plain_event(data: bytes) -> Event:
     """Cut the event's own body by its inner Content-Length (validated now), headers later."""
     end = data.find(b"\n\n")
     block, rest = (data, b"") if end < 0 else (data[:end], data[end + 2:])
-    body = b""
     # Values are url-encoded in plain events, so this text can only be the header itself.
-    at = block.rfind(b"Content-Length: ")
-    if at == 0 or (at > 0 and block[at - 1] == 0x0A):
-        line_end = block.find(b"\n", at)
-        value = block[at + 16:line_end if line_end >= 0 else len(block)].strip()
-        if not value.isdigit():
-            raise ProtocolError(f"invalid inner Content-Length {value[:40]!r}")
-        body = rest[:int(value)]
+    value = _line_value(block, b"Content-Length: ")
+    body = b"" if value is None else rest[:_valid_length(value, None, "inner Content-Length")]
     return Event.plain(block, body)
 
 
@@ -473,14 +460,19 @@ def command(line: str, headers: Iterable[tuple[str, str]] = (), body: bytes | st
     FreeSWITCH does not url-decode what we send, so a newline can only travel in a body; one in
     the command line or a header value would end the block early and inject a second command.
     """
-    parts = [_check_line("command", line)]
-    for name, value in headers:
-        parts.append(f"{_check_line('header name', name)}: {_check_line(name, str(value))}")
-    if body is not None:
-        data = body.encode("utf-8") if isinstance(body, str) else body
-        parts.append(f"Content-Length: {len(data)}")
-        return ("\n".join(parts) + "\n\n").encode("utf-8") + data
-    return ("\n".join(parts) + "\n\n").encode("utf-8")
+    pairs = [(_check_line("header name", name), _check_line(name, str(value)))
+             for name, value in headers]
+    if body is None:
+        return _block(pairs, _check_line("command", line))
+    data = body.encode("utf-8") if isinstance(body, str) else body
+    return _block([*pairs, ("Content-Length", str(len(data)))], line) + data
+
+
+def _block(pairs: Iterable[tuple[str, object]], first_line: str | None = None) -> bytes:
+    """``Name: value`` lines (after an optional command line) and the blank line ending them."""
+    lines = [] if first_line is None else [first_line]
+    lines += [f"{name}: {value}" for name, value in pairs]
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
 def connect() -> bytes:
@@ -707,40 +699,37 @@ def event_frame(headers: Iterable[tuple[str, str]], body: bytes = b"", fmt: str 
                 ) -> bytes:
     """A whole text/event-* frame, Content-Length first, as mod_event_socket writes it."""
     payload = _SERIALIZERS[_event_format(fmt)](headers, body)
-    return (f"Content-Length: {len(payload)}\nContent-Type: text/event-{fmt}\n\n"
-            .encode("utf-8") + payload)
+    return _block([("Content-Length", len(payload)), ("Content-Type", f"text/event-{fmt}")]
+                  ) + payload
 
 
 def reply_frame(text: str, extra: Iterable[tuple[str, str]] = ()) -> bytes:
-    lines = [f"Content-Type: {CONTENT_COMMAND_REPLY}", f"Reply-Text: {text}"]
-    lines += [f"{name}: {value}" for name, value in extra]
-    return ("\n".join(lines) + "\n\n").encode("utf-8")
+    return _block([("Content-Type", CONTENT_COMMAND_REPLY), ("Reply-Text", text), *extra])
 
 
 def api_response_frame(body: bytes) -> bytes:
-    return (f"Content-Type: {CONTENT_API_RESPONSE}\nContent-Length: {len(body)}\n\n"
-            .encode("utf-8") + body)
+    return _block([("Content-Type", CONTENT_API_RESPONSE), ("Content-Length", len(body))]) + body
 
 
 def connect_reply_frame(channel_data: Iterable[tuple[str, str]], socket_mode: str = "async",
                         control: str = "full") -> bytes:
-    """The connect reply: CHANNEL_DATA serialised event-plain style, reply headers last."""
-    headers = [*channel_data, ("Content-Type", CONTENT_COMMAND_REPLY), ("Reply-Text", "+OK\n"),
-               ("Socket-Mode", socket_mode), ("Control", control)]
-    return "".join(f"{name}: {fs_url_encode(value)}\n" for name, value in headers
-                   ).encode("utf-8") + b"\n"
+    """The connect reply: CHANNEL_DATA serialised as an event-plain body, reply headers last."""
+    return serialize_event_plain([*channel_data, ("Content-Type", CONTENT_COMMAND_REPLY),
+                                  ("Reply-Text", "+OK\n"), ("Socket-Mode", socket_mode),
+                                  ("Control", control)])
 
 
 DISCONNECT_BODY = b"Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
 
 
 def linger_notice_frame(uuid: str, channel_name: str, linger_time: int) -> bytes:
-    return (f"Content-Type: {CONTENT_DISCONNECT_NOTICE}\nControlled-Session-UUID: {uuid}\n"
-            f"Content-Disposition: linger\nChannel-Name: {channel_name}\n"
-            f"Linger-Time: {linger_time}\nContent-Length: 0\n\n").encode("utf-8")
+    return _block([("Content-Type", CONTENT_DISCONNECT_NOTICE),
+                   ("Controlled-Session-UUID", uuid), ("Content-Disposition", "linger"),
+                   ("Channel-Name", channel_name), ("Linger-Time", linger_time),
+                   ("Content-Length", 0)])
 
 
 def disconnect_notice_frame(uuid: str) -> bytes:
-    return (f"Content-Type: {CONTENT_DISCONNECT_NOTICE}\nControlled-Session-UUID: {uuid}\n"
-            f"Content-Disposition: disconnect\nContent-Length: {len(DISCONNECT_BODY)}\n\n"
-            ).encode("utf-8") + DISCONNECT_BODY
+    return _block([("Content-Type", CONTENT_DISCONNECT_NOTICE),
+                   ("Controlled-Session-UUID", uuid), ("Content-Disposition", "disconnect"),
+                   ("Content-Length", len(DISCONNECT_BODY))]) + DISCONNECT_BODY

@@ -143,12 +143,8 @@ class BackgroundJob:
         """The job's output; raises ApiError for -ERR output, WaitTimeout, or SessionClosed."""
         if timeout is None:
             timeout = self.session.settings.wait_timeout
-        try:
-            event = self._result.get(timeout=timeout)
-        except gevent.Timeout:
-            self.session._jobs.pop(self.uuid, None)
-            raise WaitTimeout(f"no BACKGROUND_JOB within {timeout}s", uuid=self.session.uuid,
-                              command=f"bgapi {self.command}") from None
+        event = self.session._await(self.session._jobs, self.uuid, self._result, timeout,
+                                    f"bgapi {self.command}", "no BACKGROUND_JOB")
         output = event.body_text()
         if output.startswith("-ERR"):
             raise ApiError("background job failed", uuid=self.session.uuid,
@@ -182,7 +178,7 @@ class Session:
         self._write_lock = Semaphore()
         self._pending: deque[tuple[AsyncResult, str]] = deque()
         self._executes: dict[str, tuple[AsyncResult, str]] = {}
-        self._jobs: dict[str, AsyncResult] = {}
+        self._jobs: dict[str, tuple[AsyncResult, str]] = {}
         # A deque and a flag rather than gevent's Queue (2.7 KB each): one per held call.
         self._events: deque = deque()
         self._event_ready = Flag()   # set while _events is not empty
@@ -337,7 +333,7 @@ class Session:
         """Keep the socket after hangup so final events (CHANNEL_HANGUP_COMPLETE) arrive.
 
         Always finite: without an argument, the configured linger time is sent. The worker does
-        this for every ``full`` call before the handler runs, unless --linger is 0.
+        this for every ``full`` call before the handler runs.
         """
         seconds = self.settings.linger if seconds is None else seconds
         return self._checked(protocol.linger(seconds), f"linger {seconds}")
@@ -391,12 +387,7 @@ class Session:
             raise
         if not wait:
             return event_uuid
-        try:
-            return result.get(timeout=timeout)
-        except gevent.Timeout:
-            self._executes.pop(event_uuid, None)
-            raise WaitTimeout(f"not complete within {timeout}s", uuid=self.uuid,
-                              command=command) from None
+        return self._await(self._executes, event_uuid, result, timeout, command, "not complete")
 
     def answer(self) -> Event:
         return self.execute("answer")
@@ -438,7 +429,7 @@ class Session:
             self.events("BACKGROUND_JOB")
         job_uuid = new_uuid()
         result = AsyncResult()
-        self._jobs[job_uuid] = result
+        self._jobs[job_uuid] = (result, f"bgapi {cmd}")
         try:
             self._checked(protocol.bgapi(cmd, job_uuid), f"bgapi {cmd}")
         except BaseException:
@@ -460,6 +451,16 @@ class Session:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _await(self, waiters: dict, key: str, result: AsyncResult, timeout: float,
+               command: str, missing: str) -> Event:
+        """Wait for an execute's completion or a job's result; on timeout forget the waiter."""
+        try:
+            return result.get(timeout=timeout)
+        except gevent.Timeout:
+            waiters.pop(key, None)
+            raise WaitTimeout(f"{missing} within {timeout}s", uuid=self.uuid,
+                              command=command) from None
+
     def _checked(self, data: bytes, description: str, timeout: float | None = None) -> str:
         text = self._command(data, description, timeout).reply_text
         if text.startswith("-ERR"):
@@ -470,7 +471,7 @@ class Session:
         if self._closed.is_set():
             raise SessionClosed(self.close_reason or "closed", uuid=self.uuid,
                                 command=description)
-        if self.control is not None and self.control != "full" and \
+        if self.control is not None and not self.full and \
                 description.split(" ", 1)[0] in FULL_ONLY:
             raise NotFullControl(
                 "FreeSWITCH refuses this without `full`: use "
@@ -574,13 +575,9 @@ class Session:
         self.counters.events += 1
         name = event.name
         if name == "CHANNEL_EXECUTE_COMPLETE":
-            waiter = self._executes.pop(event.get("Application-UUID"), None)
-            if waiter is not None:
-                waiter[0].set(event)
+            _resolve(self._executes, event.get("Application-UUID"), event)
         elif name == "BACKGROUND_JOB":
-            job = self._jobs.pop(event.get("Job-UUID"), None)
-            if job is not None:
-                job.set(event)
+            _resolve(self._jobs, event.get("Job-UUID"), event)
         elif name in ("CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE") and \
                 event.unique_id == self.uuid:
             self.hangup_cause = event.get("Hangup-Cause")
@@ -602,8 +599,7 @@ class Session:
             return
         self.hungup = True
         waiters, self._executes = self._executes, {}
-        for slot, command in waiters.values():
-            slot.set_exception(CallHungUp(reason, uuid=self.uuid, command=command))
+        self._fail(CallHungUp, reason, waiters.values())
 
     def _shutdown(self, reason: str) -> None:
         """The one teardown path: fail every waiter, end the event stream, close the socket."""
@@ -612,14 +608,9 @@ class Session:
         self.close_reason = reason
         self._closed.set()
         pending, self._pending = self._pending, deque()
-        for slot, command in pending:
-            slot.set_exception(SessionClosed(reason, uuid=self.uuid, command=command))
         executes, self._executes = self._executes, {}
-        for slot, command in executes.values():
-            slot.set_exception(SessionClosed(reason, uuid=self.uuid, command=command))
         jobs, self._jobs = self._jobs, {}
-        for job_uuid, slot in jobs.items():
-            slot.set_exception(SessionClosed(reason, uuid=self.uuid, command=f"bgapi {job_uuid}"))
+        self._fail(SessionClosed, reason, [*pending, *executes.values(), *jobs.values()])
         self._events.append(_CLOSED)
         self._event_ready.set()
         if self._reader is None:
@@ -629,3 +620,15 @@ class Session:
             self._sock.shutdown(socket.SHUT_WR)   # FIN now; the reader closes once FS has
         except OSError:
             pass   # the peer is already gone: the reader sees that and closes
+
+    def _fail(self, error: type, reason: str, waiters) -> None:
+        """Wake every (result, command) waiter with ``error``, naming its command."""
+        for slot, command in waiters:
+            slot.set_exception(error(reason, uuid=self.uuid, command=command))
+
+
+def _resolve(waiters: dict, key: str | None, event: Event) -> None:
+    """Hand ``event`` to the waiter registered under ``key`` (an Event-UUID or a Job-UUID)."""
+    waiter = waiters.pop(key, None)
+    if waiter is not None:
+        waiter[0].set(event)
