@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from typing import Callable
 
 
@@ -45,7 +46,6 @@ def check_app(spec: str) -> bool:
     The import happens in a child so the master itself never holds the user's modules: every
     worker imports them fresh, which is what lets a reload pick up new code.
     """
-    import traceback
     pid = os.fork()
     if pid == 0:
         code = 1

@@ -27,10 +27,11 @@ Route = Callable[[], "tuple[int, str, bytes]"]
 
 
 class _Connection:
-    __slots__ = ("sock", "request", "response", "deadline")
+    __slots__ = ("sock", "request", "response", "deadline", "on_event")
 
     def __init__(self, sock: socket.socket, deadline: float):
         self.sock, self.request, self.response, self.deadline = sock, bytearray(), b"", deadline
+        self.on_event = None   # this connection's selector callback
 
 
 class HTTPServer:
@@ -55,9 +56,9 @@ class HTTPServer:
                 continue
             sock.setblocking(False)
             conn = _Connection(sock, time.monotonic() + DEADLINE)
+            conn.on_event = lambda mask, conn=conn: self._on_event(conn, mask)
             self.connections[sock.fileno()] = conn
-            self.selector.register(sock, selectors.EVENT_READ,
-                                   lambda mask, conn=conn: self._on_event(conn, mask))
+            self.selector.register(sock, selectors.EVENT_READ, conn.on_event)
 
     def _on_event(self, conn: _Connection, mask: int) -> None:
         try:
@@ -102,8 +103,7 @@ class HTTPServer:
         head = (f"HTTP/1.0 {status} {REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
         conn.response = head.encode("latin-1") + body
-        self.selector.modify(conn.sock, selectors.EVENT_WRITE,
-                             lambda mask, conn=conn: self._on_event(conn, mask))
+        self.selector.modify(conn.sock, selectors.EVENT_WRITE, conn.on_event)
         self._on_event(conn, selectors.EVENT_WRITE)
 
     def expire(self, now: float) -> None:

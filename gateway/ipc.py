@@ -18,6 +18,11 @@ import struct
 import msgpack
 
 HEADER = struct.Struct(">I")
+# What a heartbeat carries: counters only ever grow (the master adds a dead worker's last ones
+# to its totals), gauges are the worker's state now.
+HEARTBEAT_COUNTERS = ("calls", "failed", "handler_exceptions", "protocol_errors", "events",
+                      "commands", "accept_errors")
+HEARTBEAT_GAUGES = ("active", "longest_block_ms")
 MAX_MESSAGE = 1024 * 1024
 
 

@@ -18,13 +18,12 @@ import sys
 import time
 
 from gateway.listeners import parse_address
+from gateway.protocol import SOCKET_MODES
 
 # gateway.simulator (gevent) is imported where it is used: the `esl-gateway` command line that
 # builds this parser also starts the master, which must never import gevent.
 
 SCENARIOS = ("ivr", "hangup-race", "long")
-MODES = {"async full": ("async", "full"), "async": ("async", "single-channel"),
-         "static": ("static", "full")}
 PROGRESS_INTERVAL = 0.5
 PERCENTILES = (0.5, 0.9, 0.99, 1.0)
 
@@ -42,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="offer calls for this long (with --rate)")
     parser.add_argument("--procs", type=int, default=1, metavar="N",
                         help="generator processes (the load is split between them)")
-    parser.add_argument("--mode", choices=MODES, default="async full",
+    parser.add_argument("--mode", choices=SOCKET_MODES, default="async full",
                         help="the dialplan's socket keywords this FreeSWITCH uses")
     parser.add_argument("--playback-ms", type=float, default=0.0, metavar="MS",
                         help="how long each playback takes (ivr, hangup-race)")
@@ -57,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def call_options(args: argparse.Namespace):
     from gateway.simulator import CallOptions
-    socket_mode, control = MODES[args.mode]
+    socket_mode, control = SOCKET_MODES[args.mode]
     options = CallOptions(socket_mode=socket_mode, control=control,
                           playback_ms=args.playback_ms, connect_wait=args.connect_wait)
     if args.scenario == "hangup-race":

@@ -39,9 +39,6 @@ QUICK_STOP_SECONDS = 5.0
 GRACE_AFTER_GRACEFUL_TIMEOUT = 5.0
 STATUS_INTERVAL = 5.0    # how often STATUS= and the process title are refreshed
 EXIT_HISTORY = 100
-COUNTER_KEYS = ("calls", "failed", "handler_exceptions", "protocol_errors", "events", "commands",
-                "accept_errors")
-GAUGE_KEYS = ("active", "longest_block_ms")
 RECORD_FIELDS = ("pid", "slot", "generation", "started", "last_heartbeat", "state", "ready_at",
                  "counters", "traceback", "exit_reason", "aborted_at", "stopped_accepting")
 
@@ -100,7 +97,7 @@ class Master:
         self.upgrade_signalled_at = 0.0
         self.exits: deque[dict] = deque(maxlen=EXIT_HISTORY)
         self.exit_counts: dict[str, int] = {}   # by classification, never trimmed
-        self.dead_totals = dict.fromkeys(COUNTER_KEYS, 0)   # counts of workers that are gone
+        self.dead_totals = dict.fromkeys(ipc.HEARTBEAT_COUNTERS, 0)   # counts of workers that are gone
         self.reloads = self.reload_failures = self.upgrades = self.upgrade_failures = 0
         self.last_deploy_error: dict | None = None
         self.started_at = time.time()
@@ -111,6 +108,7 @@ class Master:
         self.stop_deadline = 0.0
         self.ready_notified = False
         self.status_at = self.watchdog_at = 0.0
+        self.watchdog_interval = systemd.watchdog_interval()   # None unless WatchdogSec= is set
         self.listeners: list[socket.socket] = []
         self.listen_baseline = stats.listen_counters()
         self.stats_server: HTTPServer | None = None
@@ -336,10 +334,8 @@ class Master:
         pending = self.pending
         if pending is None:
             return
-        ready = {w.slot for w in self.workers.values()
-                 if w.generation == pending.generation and w.state == "ready"}
         waited = time.monotonic() - pending.started
-        if len(ready) >= pending.config.workers:
+        if len(self._ready_slots(pending.generation)) >= pending.config.workers:
             self._promote(pending)
         elif waited > pending.config.ready_timeout:
             self._abandon(f"generation {pending.generation} was not ready within "
@@ -352,8 +348,7 @@ class Master:
             self.reloads += 1
         for record in self.workers.values():
             if record.generation < self.generation and record.state != "draining":
-                record.state = "draining"
-                _kill(record.pid, signal.SIGTERM)
+                self._retire(record, signal.SIGTERM)
         self.switchover = Switchover(pending.reason, pending.started, old)
         self._enforce_max_generations()
         self._title()
@@ -377,16 +372,23 @@ class Master:
     def _retire_generation(self, generation: int, signum: int) -> None:
         for record in self.workers.values():
             if record.generation == generation:
-                record.state = "draining"
-                _kill(record.pid, signum)
+                self._retire(record, signum)
+
+    def _retire(self, record: WorkerRecord, signum: int) -> None:
+        """Take a worker out of service: SIGTERM drains its calls, SIGQUIT closes them."""
+        record.state = "draining"
+        _kill(record.pid, signum)
+
+    def _ready_slots(self, generation: int) -> set[int]:
+        return {w.slot for w in self.workers.values()
+                if w.generation == generation and w.state == "ready"}
 
     def _enforce_max_generations(self) -> None:
         """Bound how many generations run at once; the oldest are closed first, cutting calls."""
         generations = sorted({w.generation for w in self.workers.values()})
         while len(generations) > self.config.max_generations:
             oldest = generations.pop(0)
-            calls = sum(w.counters.get("active", 0) for w in self.workers.values()
-                        if w.generation == oldest)
+            calls = _active_calls(w for w in self.workers.values() if w.generation == oldest)
             log.warning("more than %d generations running: closing generation %d now, cutting "
                         "its calls (%d at the last heartbeat; its workers log each one; see "
                         "--max-generations)", self.config.max_generations, oldest, calls)
@@ -501,8 +503,7 @@ class Master:
                        if w.generation == generation and w.state != "draining"]
             for record in serving:
                 if record.slot > config.workers:
-                    record.state = "draining"
-                    _kill(record.pid, signal.SIGTERM)
+                    self._retire(record, signal.SIGTERM)
             taken = {w.slot for w in serving}
             for slot in range(1, config.workers + 1):
                 keys.add((generation, slot))
@@ -563,8 +564,7 @@ class Master:
                 log.error("worker %d (pid %d) sent a corrupt message (%s); draining it",
                           record.slot, record.pid, exc)
                 self._forget_channel(record)
-                record.state = "draining"
-                _kill(record.pid, signal.SIGTERM)
+                self._retire(record, signal.SIGTERM)
                 return
             for message in messages:
                 self._on_message(record, message)
@@ -578,7 +578,7 @@ class Master:
         kind = message.get("t")
         record.last_heartbeat = time.monotonic()
         if kind == "hb":
-            record.counters = {key: int(message.get(key, 0)) for key in COUNTER_KEYS + GAUGE_KEYS}
+            record.counters = {key: int(message.get(key, 0)) for key in ipc.HEARTBEAT_COUNTERS + ipc.HEARTBEAT_GAUGES}
         elif kind == "ready":
             record.state, record.ready_at = "ready", time.monotonic()
             self._maybe_notify_ready()
@@ -592,9 +592,7 @@ class Master:
         """READY=1 once the first generation has every worker ready (Type=notify start-up)."""
         if self.ready_notified:
             return
-        ready = {w.slot for w in self.workers.values()
-                 if w.generation == self.generation and w.state == "ready"}
-        if len(ready) >= self.config.workers:
+        if len(self._ready_slots(self.generation)) >= self.config.workers:
             self.ready_notified = True
             systemd.notify("READY=1", self._status_line())
 
@@ -617,7 +615,7 @@ class Master:
         # A dying worker's last words (its traceback) may still sit in its socket.
         self._read_channel(record)
         self._forget_channel(record)
-        for key in COUNTER_KEYS:
+        for key in ipc.HEARTBEAT_COUNTERS:
             self.dead_totals[key] += record.counters.get(key, 0)
         classification, detail = classify_exit(status, record)
         now = time.monotonic()
@@ -684,7 +682,7 @@ class Master:
     def _report(self) -> None:
         """Refresh STATUS=, the process title and the watchdog, at a low rate."""
         now = time.monotonic()
-        interval = systemd.watchdog_interval()
+        interval = self.watchdog_interval
         if interval is not None and now - self.watchdog_at >= interval:
             self.watchdog_at = now
             systemd.notify("WATCHDOG=1")
@@ -698,10 +696,10 @@ class Master:
         older = [w for w in self.workers.values() if w.generation < self.generation]
         ready = sum(w.state == "ready" for w in current)
         text = (f"STATUS=gen {self.generation}: {ready}/{self.config.workers} workers ready, "
-                f"{sum(w.counters.get('active', 0) for w in current)} calls")
+                f"{_active_calls(current)} calls")
         if older:
             text += (f"; {len({w.generation for w in older})} older generation(s) draining "
-                     f"{sum(w.counters.get('active', 0) for w in older)} calls")
+                     f"{_active_calls(older)} calls")
         if self.pending is not None:
             text += f"; generation {self.pending.generation} starting"
         return text
@@ -762,6 +760,11 @@ def is_early_death(record: WorkerRecord, classification: str, now: float) -> boo
     if classification in CLEAN_EXITS or classification == "killed":
         return False
     return record.ready_at is None or now - record.ready_at < CRASH_WINDOW
+
+
+def _active_calls(records) -> int:
+    """Calls in progress in these workers, as of their last heartbeats."""
+    return sum(w.counters.get("active", 0) for w in records)
 
 
 def _kill(pid: int, signum: int) -> None:

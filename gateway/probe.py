@@ -13,16 +13,15 @@ from __future__ import annotations
 import argparse
 
 from gateway.listeners import parse_address
+from gateway.protocol import SOCKET_MODES
 
-MODES = {"async full": ("async", "full"), "async": ("async", "single-channel"),
-         "static": ("static", "full")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", metavar="HOST:PORT", help="the listener to probe")
     parser.add_argument("--wait", type=float, default=25.0, metavar="SECONDS",
                         help="how long to wait for `connect` (FreeSWITCH waits 25 s)")
-    parser.add_argument("--mode", choices=MODES, default="async full",
+    parser.add_argument("--mode", choices=SOCKET_MODES, default="async full",
                         help="the dialplan's socket keywords to play")
 
 
@@ -31,7 +30,7 @@ def probe(args: argparse.Namespace) -> tuple[bool, list[str]]:
     import random
 
     from gateway.simulator import CallOptions, SimulatedCall
-    socket_mode, control = MODES[args.mode]
+    socket_mode, control = SOCKET_MODES[args.mode]
     options = CallOptions(socket_mode=socket_mode, control=control, connect_wait=args.wait,
                           call_deadline=args.wait + 60)
     result = SimulatedCall(parse_address(args.address)[1], options, random.Random()).run()

@@ -34,6 +34,10 @@ CONTENT_DISCONNECT_NOTICE = "text/disconnect-notice"
 CONTENT_LOG = "log/data"
 EVENT_CONTENT_TYPES = ("text/event-plain", "text/event-json", "text/event-xml")
 EVENT_FORMATS = ("plain", "json", "xml")
+# The dialplan's `socket host:port [async] [full]` keywords, and what the connect reply then says
+# (Socket-Mode, Control). Without `async` the socket is static; `sync` is not a keyword.
+SOCKET_MODES = {"async full": ("async", "full"), "async": ("async", "single-channel"),
+                "static": ("static", "full")}
 
 
 class ProtocolError(Exception):

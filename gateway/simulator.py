@@ -339,9 +339,7 @@ class SimulatedCall:
     def _run_app(self, app: str, arg: str, event_uuid: str | None) -> None:
         """One application: CHANNEL_EXECUTE, its effect, CHANNEL_EXECUTE_COMPLETE."""
         self.running_app = (app, arg, event_uuid)
-        app_headers = [("Application", app), ("Application-Data", arg)]
-        if event_uuid:
-            app_headers.append(("Application-UUID", event_uuid))
+        app_headers = _app_headers(app, arg, event_uuid)
         self._emit("CHANNEL_EXECUTE", app_headers)
         response = "_none_"
         if app == "answer" and not self.answered:
@@ -391,12 +389,8 @@ class SimulatedCall:
             return
         self._emit("CHANNEL_HANGUP", [("Hangup-Cause", cause)])
         if self.running_app is not None:
-            app, arg, event_uuid = self.running_app
-            headers = [("Application", app), ("Application-Data", arg),
-                       ("Application-Response", "FILE NOT FOUND")]
-            if event_uuid:
-                headers.append(("Application-UUID", event_uuid))
-            self._emit("CHANNEL_EXECUTE_COMPLETE", headers)
+            self._emit("CHANNEL_EXECUTE_COMPLETE", _app_headers(*self.running_app) +
+                       [("Application-Response", "FILE NOT FOUND")])
         self._emit("CHANNEL_UNPARK")
         self._emit("CHANNEL_EXECUTE_COMPLETE", [("Application", "socket")])
         self._emit("CHANNEL_STATE", [("Channel-State", "CS_HANGUP")])
@@ -480,6 +474,14 @@ class SimulatedCall:
                 *self._channel_headers(), ("Channel-Call-State", "RINGING"),
                 ("variable_uuid", self.uuid), ("variable_socket_host", self.address[0]),
                 ("variable_current_application", "socket")]
+
+
+def _app_headers(app: str, arg: str, event_uuid: str | None) -> list[tuple[str, str]]:
+    """The headers naming an application in CHANNEL_EXECUTE and CHANNEL_EXECUTE_COMPLETE."""
+    headers = [("Application", app), ("Application-Data", arg)]
+    if event_uuid:
+        headers.append(("Application-UUID", event_uuid))
+    return headers
 
 
 def describe(command: Command) -> str:

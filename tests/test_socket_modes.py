@@ -7,19 +7,14 @@ The simulator plays FreeSWITCH's behaviour in each, as captured from a real Free
 
 import pytest
 
+from gateway.protocol import SOCKET_MODES
 from gateway.simulator import CallOptions, run_load
 
-MODES = {
-    "async full": ("async", "full"),
-    "async": ("async", "single-channel"),
-    "static full": ("static", "full"),
-}
 
-
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", SOCKET_MODES)
 def test_example_ivr_in_every_socket_mode(start_gateway, mode):
     """The bundled example app finishes every call correctly whatever the socket mode."""
-    socket_mode, control = MODES[mode]
+    socket_mode, control = SOCKET_MODES[mode]
     gateway = start_gateway(app="gateway.examples.ivr:handle", workers=2)
     result = run_load(gateway.address, calls=100, rate=100, seed=11,
                       options=CallOptions(socket_mode=socket_mode, control=control,
@@ -38,12 +33,12 @@ def test_example_ivr_in_every_socket_mode(start_gateway, mode):
 
 
 @pytest.mark.parametrize("mode, calls", [("async full", 1000), ("async", 500),
-                                         ("static full", 500)])
+                                         ("static", 500)])
 def test_hangup_at_every_point_of_a_call(start_gateway, mode, calls):
     """Callers hang up at random points (before connect, between commands, during an execute,
     after the linger): every call ends within its linger time, every handler returns, no worker
     dies."""
-    socket_mode, control = MODES[mode]
+    socket_mode, control = SOCKET_MODES[mode]
     gateway = start_gateway(workers=2)
     pids = sorted(gateway.worker_pids())
     linger_cap = 0.2
