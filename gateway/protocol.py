@@ -109,15 +109,20 @@ class Headers(Mapping):
         return default if value is _MISSING else value
 
     def _decode(self, value):
-        if value.__class__ is str:
-            if self._encoded and "%" in value:
-                value = unquote(value, errors="replace")
-            if value.startswith(ARRAY_PREFIX):
-                return value[len(ARRAY_PREFIX):].split("|:")
-        return value
+        return _decode_value(value, self._encoded)
 
     def __repr__(self) -> str:
         return f"Headers({dict(self.items())!r})"
+
+
+def _decode_value(value, encoded: bool):
+    """A header value as handed out: url-decoded where FreeSWITCH encoded it, arrays split."""
+    if value.__class__ is str:
+        if encoded and "%" in value:
+            value = unquote(value, errors="replace")
+        if value.startswith(ARRAY_PREFIX):
+            return value[len(ARRAY_PREFIX):].split("|:")
+    return value
 
 
 # One header per line, split at the first ": " (the common case, matched in C).
@@ -172,6 +177,57 @@ class _LazyHeaders:
             self._block = None
         return self._headers
 
+    def _lookup(self, name: str, default=None):
+        """``headers.get(name, default)``, by a byte search while the block is still unsplit.
+
+        The session and most handlers read a handful of an event's ~100 headers; splitting them
+        all for one lookup was most of the parsing cost.
+        """
+        if self._block is not None and name.__class__ is str:
+            value = _search_value(self._block, name)
+            if value is None:
+                return default
+            if value is not _UNSURE:
+                return _decode_value(value, self._encoded)
+        return self.headers.get(name, default)
+
+
+_UNSURE = object()
+# A name a byte search finds exactly as the header split would: no separator, no line break.
+_PLAIN_NAME = re.compile(r"[^:\r\n]+")
+
+
+def _search_value(block: bytes, name: str):
+    """Header ``name``'s value as on the wire, found in an unsplit block by byte search.
+
+    Returns the value, None when the block has no such header, or _UNSURE when only splitting
+    the block settles it exactly as ``Headers`` would: a repeated name, a ``\r``, a value that
+    may go on over the next line, or (in a block that is not ASCII) a name in another case.
+    """
+    if b"\r" in block or not _PLAIN_NAME.fullmatch(name):
+        return _UNSURE
+    prefix = name.encode() + b": "
+    at = _line_start(block, prefix)
+    if at < 0:
+        # Absent in any case? Header lines start "name:" ("name:" alone is an empty value).
+        if block.isascii() and _line_start(block.lower(), name.lower().encode() + b":") < 0:
+            return None
+        return _UNSURE
+    if block.find(b"\n" + prefix[:-1], at) >= 0:   # repeated, perhaps as "Name:" (the last wins)
+        return _UNSURE
+    end = block.find(b"\n", at)
+    if end >= 0 and not _is_header_line(block, end + 1):
+        return _UNSURE
+    return block[at + len(prefix):end if end >= 0 else len(block)].decode("utf-8", "replace")
+
+
+def _is_header_line(block: bytes, start: int) -> bool:
+    """Whether the line at ``start`` is a header of its own, not the previous value's
+    continuation (see _split_header_block)."""
+    end = block.find(b"\n", start)
+    line = block[start:end if end >= 0 else len(block)]
+    return b": " in line or (line.endswith(b":") and line.count(b":") == 1)
+
 
 class Frame(_LazyHeaders):
     """One frame from FreeSWITCH: outer headers (split on first use) and an optional raw body."""
@@ -202,7 +258,7 @@ class Frame(_LazyHeaders):
 
     @property
     def reply_text(self) -> str:
-        return self.headers.get("Reply-Text", "") or ""
+        return self._lookup("Reply-Text", "") or ""
 
     def body_text(self) -> str:
         return (self.body or b"").decode("utf-8", "replace")
@@ -292,16 +348,17 @@ class _Framer:
 
     def _find_block_end(self, buf: bytearray) -> tuple[int, int]:
         end = buf.find(b"\n\n", self._scan_from)
-        if b"\r" not in buf:
+        # A "\n\r...\n" end can only come first if a "\r" does: look for one only up to there.
+        if buf.find(b"\r", self._scan_from, end if end >= 0 else len(buf)) < 0:
             return end, end + 2
         match = _BLOCK_END_CR.search(buf, self._scan_from)
         return (match.start(), match.end()) if match else (-1, -1)
 
 
 def _block_content_length(block: bytes, limit: int) -> int | None:
-    """The block's Content-Length, validated; found by a byte search in the usual spelling."""
-    value = _line_value(block, b"Content-Length: ")
-    if value is None and (b"ontent-" in block or b"ONTENT-" in block):   # another spelling
+    """The block's Content-Length, validated; found by a byte search where that is exact."""
+    value = _search_value(block, "Content-Length")
+    if value is _UNSURE:
         value = Headers(_split_header_block(block)).get("Content-Length")
     return None if value is None else _valid_length(value, limit)
 
@@ -373,17 +430,20 @@ class Event(_LazyHeaders):
 
     @property
     def subclass(self) -> str | None:
-        return self.headers.get("Event-Subclass")
+        return self._lookup("Event-Subclass")
 
     @property
     def unique_id(self) -> str | None:
-        return self.headers.get("Unique-ID")
+        return self._lookup("Unique-ID")
 
     def __getitem__(self, name: str):
-        return self.headers[name]
+        value = self._lookup(name, _MISSING)
+        if value is _MISSING:
+            raise KeyError(name)
+        return value
 
     def get(self, name: str, default=None):
-        return self.headers.get(name, default)
+        return self._lookup(name, default)
 
     def __contains__(self, name) -> bool:
         return name in self.headers

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import protocol
-from gateway.protocol import CommandParser, Frame, Headers, Parser, ProtocolError, parse_event
+from gateway.protocol import (CommandParser, Event, Frame, Headers, Parser, ProtocolError,
+                              parse_event)
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures"
 FIXTURES = sorted(p.name[:-len(".frames.json")] for p in FIXTURE_DIR.glob("*.frames.json"))
@@ -778,6 +779,27 @@ def test_line_without_colon_is_continuation():
     frame = parse_one(b"Content-Type: command/reply\nReply-Text: line one\nline two\n\n")
     assert frame.reply_text == "line one\nline two"
     assert list(frame.headers) == ["Content-Type", "Reply-Text"]
+
+
+# Header blocks made of tricky lines: repeated names, other cases, missing separators, a "\r",
+# continuation lines, url-encoding, arrays, bad UTF-8.
+_LINES = st.tuples(st.sampled_from([b"Unique-ID", b"unique-id", b"Reply-Text", b"A", b"A: x",
+                                    b"x", b"", b"\xe2\x84\xaa"]),   # the last: Kelvin sign
+                   st.sampled_from([b": ", b":", b"\r: ", b"", b": \r"]),
+                   st.sampled_from([b"v", b"", b"%41%0A", b"ARRAY::a|:b", b"\xc3\xff", b"w: z",
+                                    b"w:"])).map(b"".join)
+_BLOCKS = st.lists(_LINES, min_size=1, max_size=6).map(b"\n".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(block=_BLOCKS, name=st.sampled_from(["Unique-ID", "unique-id", "Unique-Id", "Reply-Text",
+                                            "A", "A: x", "x", "", "A\n", "k", "\u212a"]),
+       encoded=st.booleans())
+def test_lookup_on_an_unsplit_block_equals_the_split(block, name, encoded):
+    """Guards the byte-search shortcut: it must give exactly what splitting the block gives."""
+    unsplit = Event.plain(block, b"") if encoded else Frame.from_block(block, b"")
+    expected = Headers(protocol._split_header_block(block), encoded=encoded).get(name, "absent")
+    assert unsplit._lookup(name, "absent") == expected
 
 
 # --------------------------------------------------------------------------------------------
