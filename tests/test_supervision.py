@@ -87,10 +87,27 @@ def test_blocked_worker_is_replaced_with_its_stack_logged(start_gateway):
     gateway.wait_for_log(r"was killed as hung \(SIGABRT\)", timeout=10)
     gateway.wait_for_log(r"ready, generation", count=3)
     log = gateway.log()
-    assert "spin_without_yielding" in log          # gevent's monitor report and faulthandler
+    assert "spin_without_yielding" in log          # the watchdog's report and faulthandler
     assert blocked.get(timeout=10).outcome in ("early_close", "reset")
     result = run_load(gateway.address, calls=50, rate=50)
     assert result.counts()["completed"] == 50
+
+
+def test_a_stalled_loop_is_reported_with_its_stack_and_measured(start_gateway):
+    """A loop blocked for 1.5 s (under --timeout) is not killed, but its stack reaches the log at
+    once and the stall shows in the worker's stats."""
+    gateway = start_gateway(app="faulty:handle_blocking", workers=1, args=["--timeout", "10"])
+    pid = gateway.worker_pids()[0]
+    (gateway.workdir / "block-once").write_text("1.5")
+    result = run_load(gateway.address, calls=1)
+    assert result.counts()["completed"] == 1
+    gateway.wait_for_log(r"event loop blocked for 1\.\ds")
+    report = gateway.log().split("event loop blocked for", 1)[1]
+    assert "spin_without_yielding" in report and "handle_blocking" in report
+    wait_until(lambda: gateway.stats()["workers"][0]["longest_block_ms"] >= 1000, 5,
+               "the stall in the stats")
+    assert gateway.stats()["workers"][0]["longest_block_ms"] < 2500
+    assert gateway.worker_pids() == [pid]
 
 
 def test_slow_io_is_not_a_hung_worker(start_gateway):

@@ -16,11 +16,9 @@ import random
 import signal
 import time
 import traceback
-import warnings
 
 import gevent
-import zope.event
-from gevent import events, monkey
+from gevent import monkey
 from gevent.event import Event as Flag
 from gevent.lock import Semaphore
 from gevent.pool import Pool
@@ -29,6 +27,7 @@ from gateway import ipc
 from gateway.app import load_app
 from gateway.session import Counters, SessionClosed, Session, SessionSettings
 from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, set_title
+from workers.loop_watchdog import LoopWatchdog
 
 log = logging.getLogger("esl_gateway.worker")
 
@@ -39,7 +38,7 @@ ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX = 0.01, 1.0
 ACCEPT_SKIPPABLE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 ACCEPT_ERROR_LOG_INTERVAL = 10.0   # at most one accept-error log line per interval
 QUICK_STOP_SECONDS = 2.0
-MAX_BLOCKING_REPORT = 1.0   # gevent's monitor logs the stack of a loop blocked this long
+MAX_BLOCKING_REPORT = 1.0   # the watchdog writes the stack of a loop blocked this long
 
 
 class GeventWorker:
@@ -51,7 +50,7 @@ class GeventWorker:
         self.handler_exceptions = 0
         self.calls_failed = 0
         self.accept_errors = 0
-        self.longest_block = 0.0
+        self.watchdog = LoopWatchdog(MAX_BLOCKING_REPORT)
         self.started = time.time()
         self.sessions: set[Session] = set()
         self._stop = Flag()
@@ -68,15 +67,10 @@ class GeventWorker:
     # -- life cycle -------------------------------------------------------------------------
 
     def run(self) -> int:
-        # A blocked loop is found twice over: gevent's monitor thread writes the blocking
-        # greenlet's stack after MAX_BLOCKING_REPORT, and at --timeout the master sends SIGABRT,
-        # on which faulthandler writes every thread's stack. Both go to stderr (journald).
+        # A blocked loop is found twice over: our watchdog writes the stack of the code blocking
+        # it after MAX_BLOCKING_REPORT, and at --timeout the master sends SIGABRT, on which
+        # faulthandler writes every thread's stack. Both go to stderr (journald).
         faulthandler.enable()
-        gevent.config.monitor_thread = True
-        gevent.config.max_blocking_time = MAX_BLOCKING_REPORT
-        # Its optional memory monitor needs psutil, which we do not use: not worth a warning.
-        warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
-        zope.event.subscribers.append(self._on_gevent_event)
         monkey.patch_all()
         from gevent import socket as gsocket   # after patching: the cooperative socket type
         self.channel = gsocket.socket(fileno=self.spec.channel.detach())
@@ -94,6 +88,7 @@ class GeventWorker:
             linger=self.config.linger,
             max_frame_size=self.config.max_frame_size,
             max_queued_events=self.config.max_queued_events)
+        self.watchdog.start()   # after the app's import, which may legitimately take long
         self.pool = Pool(self.config.worker_connections)
         self.max_calls = (self.config.max_calls + random.randint(0, self.config.max_calls_jitter)
                           if self.config.max_calls else 0)
@@ -258,12 +253,7 @@ class GeventWorker:
                    failed=self.calls_failed, handler_exceptions=self.handler_exceptions,
                    protocol_errors=counters.protocol_errors, events=counters.events,
                    commands=counters.commands, accept_errors=self.accept_errors,
-                   longest_block_ms=int(self.longest_block * 1000))
-
-    def _on_gevent_event(self, event) -> None:
-        """Runs in gevent's monitor thread: only record, the stack is already on stderr."""
-        if isinstance(event, events.EventLoopBlocked):
-            self.longest_block = max(self.longest_block, event.blocking_time)
+                   longest_block_ms=int(self.watchdog.longest_block * 1000))
 
     def _watch_master(self) -> None:
         """EOF on our socketpair means the master is gone: drain rather than serve unsupervised."""

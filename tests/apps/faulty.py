@@ -32,11 +32,14 @@ def spin_without_yielding(seconds):
 
 
 def handle_blocking(session):
-    """Blocks the worker's loop for 60 s when ./block-once exists (the test creates it)."""
+    """Blocks the worker's loop when ./block-once exists (the test creates it): for as many
+    seconds as the file says, 60 if it is empty."""
     subscribe_and_report(session)
     if os.path.exists("block-once"):
+        with open("block-once") as file:
+            seconds = float(file.read() or 60)
         os.remove("block-once")
-        spin_without_yielding(60)
+        spin_without_yielding(seconds)
     ivr(session)
 
 
