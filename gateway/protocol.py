@@ -242,10 +242,21 @@ class Frame(_LazyHeaders):
     @classmethod
     def from_block(cls, block: bytes, body: bytes | None) -> "Frame":
         frame = cls.__new__(cls)
+        frame.body = body
+        common = _COMMON_OUTER.fullmatch(block)
+        if common is not None and common[3] is not None:   # a reply: its text is all that is read
+            frame.content_type = CONTENT_COMMAND_REPLY
+            frame._set_headers(Headers((("Content-Type", CONTENT_COMMAND_REPLY),
+                                        ("Reply-Text", common[4].decode("utf-8", "replace")))),
+                               None, False)
+            return frame
+        if common is not None:   # an event, api response or log line
+            frame.content_type = common[2].decode("utf-8", "replace")
+            frame._set_headers(None, block, False)
+            return frame
         # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded.
         frame._set_headers(None, block, body is None and
                            _line_start(block, b"Event-Name: ") >= 0)
-        frame.body = body
         frame.content_type = _line_value(block, b"Content-Type: ")
         if frame.content_type is None and b"ontent-" in block:   # another spelling
             frame.content_type = frame.headers.get("Content-Type")
@@ -355,9 +366,20 @@ class _Framer:
         return (match.start(), match.end()) if match else (-1, -1)
 
 
+# The outer blocks of nearly every frame of a call, exactly as mod_event_socket writes them: an
+# event, api response or log line (length and type), and a plain command reply. Matched whole by
+# one regex they need no header search; any other block takes the general path, same result.
+_COMMON_OUTER = re.compile(rb"Content-Length: ([0-9]+)\nContent-Type: ([^\r\n]*)"
+                           rb"|Content-Type: (command/reply)\nReply-Text: ([^\r\n]*)")
+
+
 def _block_content_length(block: bytes, limit: int) -> int | None:
     """The block's Content-Length, validated; found by a byte search where that is exact."""
-    value = _search_value(block, "Content-Length")
+    common = _COMMON_OUTER.fullmatch(block)
+    if common is not None:
+        value = None if common[1] is None else common[1].decode()
+    else:
+        value = _search_value(block, "Content-Length")
     if value is _UNSURE:
         value = Headers(_split_header_block(block)).get("Content-Length")
     return None if value is None else _valid_length(value, limit)
@@ -425,7 +447,9 @@ class Event(_LazyHeaders):
         block = self._block
         if block is not None and block.startswith(b"Event-Name: "):
             # FreeSWITCH always serialises Event-Name first, and names need no decoding.
-            return _line_value(block, b"Event-Name: ")
+            end = block.find(b"\n")
+            return block[12:end if end >= 0 else len(block)].rstrip(b"\r").decode(
+                "utf-8", "replace")
         return self.headers.get("Event-Name")
 
     @property

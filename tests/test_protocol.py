@@ -802,6 +802,30 @@ def test_lookup_on_an_unsplit_block_equals_the_split(block, name, encoded):
     assert unsplit._lookup(name, "absent") == expected
 
 
+_OUTER_PIECES = st.sampled_from([b"Content-Length: ", b"Content-Type: ", b"Reply-Text: ",
+                                 b"command/reply", b"text/event-plain", b"12", b"007", b"\n",
+                                 b"\r", b": ", b"x", b"\xff", b""])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(start=st.sampled_from([b"Content-Length: ", b"Content-Length: 12\nContent-Type: ",
+                              b"Content-Type: command/reply\nReply-Text: "]),
+       rest=st.lists(_OUTER_PIECES, max_size=8).map(b"".join))
+def test_common_outer_blocks_read_as_the_split_reads_them(start, rest):
+    """Guards the one-regex path for the outer blocks FreeSWITCH writes most: type, length and
+    reply text must be what splitting the block gives."""
+    block = start + rest
+    headers = Headers(protocol._split_header_block(block))
+    frame = Frame.from_block(block, None)
+    if protocol._COMMON_OUTER.fullmatch(block) is None:
+        return   # the general path, tested elsewhere
+    assert frame.content_type == headers.get("Content-Type")
+    assert frame.reply_text == (headers.get("Reply-Text") or "")
+    length = headers.get("Content-Length")
+    assert protocol._block_content_length(block, 10**6) == (
+        None if length is None else protocol._valid_length(length, 10**6))
+
+
 # --------------------------------------------------------------------------------------------
 # 8. ARRAY values
 # --------------------------------------------------------------------------------------------
