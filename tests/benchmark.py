@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT))
 from tests.gateway_process import GatewayProcess, gateway_command  # noqa: E402
 
 STEP = 250
-# CPU per call is measured in rounds, each the gateway then the baseline, and the round with the
-# median ratio is the figure: this machine's speed drifts by tens of percent within a minute.
+# CPU per call: both servers are loaded at once (CPU_RATE calls/s each), because this machine's
+# speed drifts by tens of percent within a minute; the round with the median ratio is the figure.
 CPU_ROUNDS = 3
+CPU_RATE = 200
 MAX_RATE = 3000
 OPEN_FILES = 65536
 
@@ -119,15 +120,21 @@ def cpu_seconds(pids) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def loadtest_command(address, *args) -> list[str]:
+    return [*gateway_command(), "loadtest", "%s:%d" % address, "--json", *args]
+
+
+def children_cpu() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
+
+
 def loadtest(address, *args) -> tuple[dict, float]:
     """Run `esl-gateway loadtest --json`; returns its summary and the generator's CPU seconds."""
-    before = os.times()
-    output = subprocess.run([*gateway_command(), "loadtest", "%s:%d" % address, "--json", *args],
-                            capture_output=True, text=True, timeout=900)
-    after = os.times()
-    generator_cpu = (after.children_user - before.children_user
-                     + after.children_system - before.children_system)
-    return json.loads(output.stdout), generator_cpu
+    before = children_cpu()
+    output = subprocess.run(loadtest_command(address, *args), capture_output=True, text=True,
+                            timeout=900)
+    return json.loads(output.stdout), children_cpu() - before
 
 
 def max_clean_rate(address, seconds: float, procs: int) -> tuple[float, list]:
@@ -153,15 +160,21 @@ def max_clean_rate(address, seconds: float, procs: int) -> tuple[float, list]:
     return best, steps
 
 
-def cpu_per_call(address, pids_of, rate: int, seconds: float, procs: int
-                 ) -> tuple[float, float]:
-    """CPU seconds per completed call: the server's (from /proc) and the load generator's."""
-    before = cpu_seconds(pids_of())
-    view, generator_cpu = loadtest(address, "--rate", str(rate), "--duration", str(seconds),
-                                   "--procs", str(procs))
-    after = cpu_seconds(pids_of())
-    calls = max(view["outcomes"]["completed"], 1)
-    return (after - before) / calls, generator_cpu / calls
+def cpu_side_by_side(targets, rate: int, seconds: float, procs: int
+                     ) -> tuple[list[float], float]:
+    """CPU seconds per completed call of each (address, pids_of) server, all loaded at the same
+    time by generators of their own, so the machine's drifting speed weighs on them alike; and
+    the generators' CPU seconds per call."""
+    before = [cpu_seconds(pids_of()) for _, pids_of in targets]
+    generators_before = children_cpu()
+    runs = [subprocess.Popen(loadtest_command(address, "--rate", str(rate), "--duration",
+                                              str(seconds), "--procs", str(procs)),
+                             stdout=subprocess.PIPE, text=True) for address, _ in targets]
+    calls = [max(json.loads(run.communicate(timeout=900)[0])["outcomes"]["completed"], 1)
+             for run in runs]
+    servers = [(cpu_seconds(pids_of()) - cpu) / count
+               for (_, pids_of), cpu, count in zip(targets, before, calls)]
+    return servers, (children_cpu() - generators_before) / sum(calls)
 
 
 def latency(address, rate: int, seconds: float) -> dict:
@@ -264,12 +277,12 @@ def main() -> int:
                                                                     args.procs)
         results["raw_max_rate"], results["raw_rate_steps"] = max_clean_rate(
             raw_address, seconds, args.procs)
-        rounds = [(cpu_per_call(gateway.address, gateway_pids, 300, seconds, args.procs),
-                   cpu_per_call(raw_address, lambda: raw_pids, 300, seconds, args.procs))
-                  for _ in range(CPU_ROUNDS)]
-        results["cpu_rounds"] = [{"gateway_ms": 1000 * g[0], "raw_ms": 1000 * r[0],
-                                  "ratio": g[0] / r[0], "generator_ms": 500 * (g[1] + r[1])}
-                                 for g, r in rounds]
+        targets = [(gateway.address, gateway_pids), (raw_address, lambda: raw_pids)]
+        results["cpu_rounds"] = []
+        for _ in range(CPU_ROUNDS):
+            (ours, raw), generator = cpu_side_by_side(targets, CPU_RATE, seconds, args.procs)
+            results["cpu_rounds"].append({"gateway_ms": 1000 * ours, "raw_ms": 1000 * raw,
+                                          "ratio": ours / raw, "generator_ms": 1000 * generator})
         median = sorted(results["cpu_rounds"], key=lambda c: c["ratio"])[CPU_ROUNDS // 2]
         results["cpu_ms_per_call"] = median["gateway_ms"]
         results["raw_cpu_ms_per_call"] = median["raw_ms"]
