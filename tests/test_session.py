@@ -239,6 +239,24 @@ def test_execute_waits_for_the_completion_with_its_own_application_uuid(call):
     assert completion["Application-Response"] == "FILE PLAYED"
 
 
+def test_a_completion_is_already_queued_when_its_execute_returns(call):
+    """Guards the direct wake-up of a waiting execute: the event that woke it is in the event
+    queue by then, as it would be for any handler reading events after the execute."""
+    session, fs = call
+    subscribe(session, fs)
+
+    def execute_then_read():
+        completion = session.execute("playback", "a.wav")
+        return completion, session.next_event(timeout=0)
+
+    job = Background(execute_then_read)
+    event_uuid = fs.expect("sendmsg").headers["Event-UUID"]
+    fs.reply("+OK")
+    fs.event("CHANNEL_EXECUTE_COMPLETE", Application="playback", Application_UUID=event_uuid)
+    completion, queued = job.result()
+    assert queued is completion
+
+
 def test_execute_sends_the_arg_header_and_a_fresh_event_uuid(call):
     """Trap: reusing an Event-UUID makes two queued apps' completions ambiguous."""
     session, fs = call
