@@ -240,10 +240,10 @@ class Frame(_LazyHeaders):
         self.content_type: str | None = headers.get("Content-Type")
 
     @classmethod
-    def from_block(cls, block: bytes, body: bytes | None) -> "Frame":
+    def from_block(cls, block: bytes, body: bytes | None, common: re.Match | None) -> "Frame":
+        """``common``: the block's _COMMON_OUTER match, or None (the framer matched it)."""
         frame = cls.__new__(cls)
         frame.body = body
-        common = _COMMON_OUTER.fullmatch(block)
         if common is not None and common[3] is not None:   # a reply: its text is all that is read
             frame.content_type = CONTENT_COMMAND_REPLY
             frame._set_headers(Headers((("Content-Type", CONTENT_COMMAND_REPLY),
@@ -301,11 +301,12 @@ def _line_value(block: bytes, prefix: bytes) -> str | None:
 
 
 class _Framer:
-    """Cuts a byte stream into (header block, body) pairs, enforcing a size limit.
+    """Cuts a byte stream into (header block, body, common) triples, enforcing a size limit.
 
     Shared by both directions, since FreeSWITCH frames and our commands are framed alike. A block
     ends at two newlines in a row, ignoring any ``\r`` between them (FreeSWITCH's own rule).
     Only the Content-Length is read here; the header lines are split by whoever needs them.
+    ``common`` is the block's _COMMON_OUTER match (or None), matched once for both uses.
     """
 
     __slots__ = ("max_frame_size", "_buf", "_scan_from", "_pending", "_body_len")
@@ -314,7 +315,7 @@ class _Framer:
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
         self._scan_from = 0          # the block end cannot start before this offset
-        self._pending = None         # parsed header block waiting for its body
+        self._pending = None         # (header block, common) waiting for the block's body
         self._body_len = 0
 
     @property
@@ -345,16 +346,18 @@ class _Framer:
                 block = bytes(buf[:start])
                 del buf[:stop]
                 self._scan_from = 0
-                length = _block_content_length(block, self.max_frame_size)
+                common = _COMMON_OUTER.fullmatch(block)
+                length = _block_content_length(block, common, self.max_frame_size)
                 if length is None:
-                    out.append((block, None))
+                    out.append((block, None, common))
                     continue
-                self._pending, self._body_len = block, length
+                self._pending, self._body_len = (block, common), length
             if len(buf) < self._body_len:
                 return out
             body = bytes(buf[:self._body_len])
             del buf[:self._body_len]
-            out.append((self._pending, body))
+            block, common = self._pending
+            out.append((block, body, common))
             self._pending = None
 
     def _find_block_end(self, buf: bytearray) -> tuple[int, int]:
@@ -373,9 +376,8 @@ _COMMON_OUTER = re.compile(rb"Content-Length: ([0-9]+)\nContent-Type: ([^\r\n]*)
                            rb"|Content-Type: (command/reply)\nReply-Text: ([^\r\n]*)")
 
 
-def _block_content_length(block: bytes, limit: int) -> int | None:
+def _block_content_length(block: bytes, common: re.Match | None, limit: int) -> int | None:
     """The block's Content-Length, validated; found by a byte search where that is exact."""
-    common = _COMMON_OUTER.fullmatch(block)
     if common is not None:
         value = None if common[1] is None else common[1].decode()
     else:
@@ -415,7 +417,8 @@ class Parser:
         return self._framer.mid_frame
 
     def feed(self, data: bytes) -> list[Frame]:
-        return [Frame.from_block(block, body) for block, body in self._framer.feed(data)]
+        return [Frame.from_block(block, body, common)
+                for block, body, common in self._framer.feed(data)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,9 +450,7 @@ class Event(_LazyHeaders):
         block = self._block
         if block is not None and block.startswith(b"Event-Name: "):
             # FreeSWITCH always serialises Event-Name first, and names need no decoding.
-            end = block.find(b"\n")
-            return block[12:end if end >= 0 else len(block)].rstrip(b"\r").decode(
-                "utf-8", "replace")
+            return _line_value(block, b"Event-Name: ")
         return self.headers.get("Event-Name")
 
     @property
@@ -716,7 +717,7 @@ class CommandParser:
 
     def feed(self, data: bytes) -> list[Command]:
         return [Command(*_split_command_block(block), body)
-                for block, body in self._framer.feed(data)]
+                for block, body, _ in self._framer.feed(data)]
 
 
 def _split_command_block(block: bytes) -> tuple[str, Headers]:

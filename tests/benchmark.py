@@ -186,9 +186,9 @@ def rss_per_held_call(gateway: GatewayProcess, calls: int, procs: int) -> float:
     """RSS growth of the gateway per concurrent `long` call (calls held 30 s)."""
     pids = [gateway.pid, *gateway.worker_pids()]
     before = sum(rss(pid) for pid in pids)
-    load = subprocess.Popen([*gateway_command(), "loadtest", "%s:%d" % gateway.address,
-                             "--scenario", "long", "--hold", "30", "--calls", str(calls),
-                             "--rate", "1000", "--procs", str(procs), "--json"],
+    load = subprocess.Popen(loadtest_command(gateway.address, "--scenario", "long", "--hold",
+                                             "30", "--calls", str(calls), "--rate", "1000",
+                                             "--procs", str(procs)),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = before
     deadline = time.monotonic() + 25

@@ -797,7 +797,8 @@ _BLOCKS = st.lists(_LINES, min_size=1, max_size=6).map(b"\n".join)
        encoded=st.booleans())
 def test_lookup_on_an_unsplit_block_equals_the_split(block, name, encoded):
     """Guards the byte-search shortcut: it must give exactly what splitting the block gives."""
-    unsplit = Event.plain(block, b"") if encoded else Frame.from_block(block, b"")
+    unsplit = Event.plain(block, b"") if encoded else Frame.from_block(
+        block, b"", protocol._COMMON_OUTER.fullmatch(block))
     expected = Headers(protocol._split_header_block(block), encoded=encoded).get(name, "absent")
     assert unsplit._lookup(name, "absent") == expected
 
@@ -816,13 +817,14 @@ def test_common_outer_blocks_read_as_the_split_reads_them(start, rest):
     reply text must be what splitting the block gives."""
     block = start + rest
     headers = Headers(protocol._split_header_block(block))
-    frame = Frame.from_block(block, None)
-    if protocol._COMMON_OUTER.fullmatch(block) is None:
+    common = protocol._COMMON_OUTER.fullmatch(block)
+    frame = Frame.from_block(block, None, common)
+    if common is None:
         return   # the general path, tested elsewhere
     assert frame.content_type == headers.get("Content-Type")
     assert frame.reply_text == (headers.get("Reply-Text") or "")
     length = headers.get("Content-Length")
-    assert protocol._block_content_length(block, 10**6) == (
+    assert protocol._block_content_length(block, common, 10**6) == (
         None if length is None else protocol._valid_length(length, 10**6))
 
 
