@@ -570,13 +570,11 @@ class Session:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._shutdown(f"connection error: {exc}")
-            self._release()
+            self._peer_gone(f"connection error: {exc}")
             return
         if not data:
             cut = " in the middle of a frame" if self._parser.mid_frame else ""
-            self._shutdown(f"FreeSWITCH closed the connection{cut}")
-            self._release()
+            self._peer_gone(f"FreeSWITCH closed the connection{cut}")
         elif not self._closed.is_set():   # after our FIN, what FreeSWITCH still sends is dropped
             try:
                 self._feed(data)
@@ -597,6 +595,12 @@ class Session:
             if self._closed.is_set():
                 return
             self._dispatch(frame)
+
+    def _peer_gone(self, reason: str) -> None:
+        """FreeSWITCH's side is closed: release the socket at once (no FIN, no drain to wait
+        for), then tear the session down if it was not already."""
+        self._release()
+        self._shutdown(reason)
 
     def _release(self) -> None:
         """Stop reading and close the socket: FreeSWITCH has closed its side, or the drain
@@ -672,7 +676,7 @@ class Session:
         self._fail(SessionClosed, reason, [*pending, *executes.values(), *jobs.values()])
         self._events.append(_CLOSED)
         self._event_ready.set()
-        if self._watcher is None:   # never started: nothing is reading
+        if self._watcher is None:   # nothing reads (never started, or released): close now
             self._sock.close()
             return
         # FIN now, then keep reading until FreeSWITCH closes too: closing with its last bytes
