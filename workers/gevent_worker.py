@@ -1,14 +1,13 @@
 """The gevent worker: accepts calls on the inherited listening socket, one greenlet per call.
 
-Accepting is one connection per wakeup, and only while the worker has room (its pool has a free
-slot): a busy or full worker leaves calls in the kernel queue for its siblings instead of
-hoarding them. Everything the master needs to know travels on the worker's socketpair as
+Accepting (workers.acceptor) is one connection per wakeup, and only while the worker has room: a
+busy or full worker leaves calls in the kernel queue for its siblings instead of hoarding them.
+Everything the master needs to know travels on the worker's socketpair as
 msgpack (gateway.ipc), batched once a second; nothing on the call path talks to the master.
 """
 
 from __future__ import annotations
 
-import errno
 import faulthandler
 import logging
 import os
@@ -21,22 +20,17 @@ import gevent
 from gevent import monkey
 from gevent.event import Event as Flag
 from gevent.lock import Semaphore
-from gevent.pool import Pool
 
 from gateway import ipc
 from gateway.app import load_app
 from gateway.session import Counters, SessionClosed, Session, SessionSettings
+from workers.acceptor import Acceptor
 from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, set_title
 from workers.loop_watchdog import LoopWatchdog
 
 log = logging.getLogger("esl_gateway.worker")
 
 HEARTBEAT_INTERVAL = 1.0   # at most; a short --timeout needs several heartbeats within it
-# Accept failures such as EMFILE would repeat at once; back off instead of spinning the CPU.
-ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX = 0.01, 1.0
-# Errors about one connection that died in the queue: skip it and accept the next.
-ACCEPT_SKIPPABLE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
-ACCEPT_ERROR_LOG_INTERVAL = 10.0   # at most one accept-error log line per interval
 QUICK_STOP_SECONDS = 2.0
 MAX_BLOCKING_REPORT = 1.0   # the watchdog writes the stack of a loop blocked this long
 
@@ -49,16 +43,14 @@ class GeventWorker:
         self.calls_total = 0
         self.handler_exceptions = 0
         self.calls_failed = 0
-        self.accept_errors = 0
         self.watchdog = LoopWatchdog(MAX_BLOCKING_REPORT)
         self.started = time.time()
         self.sessions: set[Session] = set()
+        self.calls: set[gevent.Greenlet] = set()   # one per accepted call, until it ends
         self._stop = Flag()
         self._graceful = True
         self._stop_reason = ""
         self._stop_detail = ""
-        self._accept_errors_logged_at = 0.0
-        self._accept_errors_unlogged = 0
         self._send_lock = Semaphore()
         self._warned_not_full = False
         self._state = "booting"    # booting, ready, draining: for the process title
@@ -89,11 +81,10 @@ class GeventWorker:
             max_frame_size=self.config.max_frame_size,
             max_queued_events=self.config.max_queued_events)
         self.watchdog.start()   # after the app's import, which may legitimately take long
-        self.pool = Pool(self.config.worker_connections)
         self.max_calls = (self.config.max_calls + random.randint(0, self.config.max_calls_jitter)
                           if self.config.max_calls else 0)
-        self.listeners = [gsocket.socket(fileno=sock.detach()) for sock in self.spec.listeners]
-        self.acceptors = [gevent.spawn(self._accept_loop, sock) for sock in self.listeners]
+        self.acceptor = Acceptor(self.spec.listeners, self._on_connection, self.spec.slot)
+        self.acceptor.start()
         gevent.spawn(self._heartbeat_loop)
         gevent.spawn(self._watch_master)
         self._send("ready")
@@ -138,24 +129,22 @@ class GeventWorker:
                 gevent.spawn(self._close_calls, detail)
             return
         self._stop_reason, self._stop_detail, self._graceful = reason, detail, graceful
+        self.acceptor.close()   # at once: not one more call for a worker that is leaving
         self._stop.set()
 
     def _drain(self) -> int:
-        for acceptor in self.acceptors:
-            acceptor.kill()
-        for sock in self.listeners:
-            sock.close()   # our copy only: the master keeps the socket and its queue alive
         # Tell the master first: it starts this slot's replacement while we drain.
         self._send("draining", reason=self._stop_reason)
-        active = len(self.pool)
+        active = len(self.calls)
         log.info("worker %d (pid %d) %s; %s %d call(s)", self.spec.slot, os.getpid(),
                  self._stop_detail, "draining" if self._graceful else "closing", active)
         self._state = "draining"
         self._title()
         timeout = self.config.graceful_timeout if self._graceful else 0
-        if not self.pool.join(timeout=timeout):
+        calls = list(self.calls)
+        if len(gevent.joinall(calls, timeout=timeout)) < len(calls):
             self._close_calls("the graceful timeout" if self._graceful else self._stop_detail)
-        self.pool.join()
+        gevent.joinall(calls)
         self._send_heartbeat()
         return EXIT_OK
 
@@ -163,42 +152,29 @@ class GeventWorker:
         """End every call now, one log line each: nothing is cut silently."""
         for session in list(self.sessions):
             log.warning("[%s] closing call still up: %s", session.uuid, why)
-        self.pool.kill(timeout=QUICK_STOP_SECONDS)
+        try:
+            gevent.killall(list(self.calls), timeout=QUICK_STOP_SECONDS)
+        except gevent.Timeout:
+            pass   # a handler that ignores GreenletExit: _drain goes on waiting for it
 
     # -- calls ------------------------------------------------------------------------------
 
-    def _accept_loop(self, sock) -> None:
-        backoff = ACCEPT_BACKOFF_MIN
-        while not self._stop.is_set():
-            self.pool.wait_available()
-            try:
-                conn, _ = sock.accept()   # gevent: one accept() per readiness wakeup
-            except OSError as exc:
-                if self._stop.is_set():
-                    return
-                self.accept_errors += 1
-                if exc.errno in ACCEPT_SKIPPABLE:
-                    continue
-                self._log_accept_error(exc, backoff)
-                gevent.sleep(backoff)
-                backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
-                continue
-            backoff = ACCEPT_BACKOFF_MIN
-            self.calls_total += 1
-            self.pool.spawn(self._serve_call, conn)
-            if self.max_calls and self.calls_total >= self.max_calls:
-                self.stop("recycled", f"served its {self.max_calls} calls (--max-calls)", True)
+    def _on_connection(self, conn) -> None:
+        """From the acceptor (a loop callback): start the call's greenlet, and stop accepting
+        while the worker is full."""
+        self.calls_total += 1
+        call = gevent.spawn(self._serve_call, conn)
+        call.rawlink(self._call_ended)   # also when killed before it ever ran
+        self.calls.add(call)
+        if len(self.calls) >= self.config.worker_connections:
+            self.acceptor.set_full(True)
+        if self.max_calls and self.calls_total >= self.max_calls:
+            self.stop("recycled", f"served its {self.max_calls} calls (--max-calls)", True)
 
-    def _log_accept_error(self, exc: OSError, backoff: float) -> None:
-        """One line per ACCEPT_ERROR_LOG_INTERVAL, with how many were not logged meanwhile."""
-        now = time.monotonic()
-        if now - self._accept_errors_logged_at < ACCEPT_ERROR_LOG_INTERVAL:
-            self._accept_errors_unlogged += 1
-            return
-        log.warning("worker %d: accept failed: %s (%d more since the last report); backing off "
-                    "%.2fs, the listening socket stays open and calls wait in its queue",
-                    self.spec.slot, exc, self._accept_errors_unlogged, backoff)
-        self._accept_errors_logged_at, self._accept_errors_unlogged = now, 0
+    def _call_ended(self, call) -> None:
+        self.calls.discard(call)
+        if len(self.calls) < self.config.worker_connections:
+            self.acceptor.set_full(False)
 
     def _serve_call(self, conn) -> None:
         session = Session(conn, self.settings, self.counters)
@@ -249,10 +225,10 @@ class GeventWorker:
 
     def _send_heartbeat(self) -> None:
         counters = self.counters
-        self._send("hb", active=len(self.pool), calls=self.calls_total,
+        self._send("hb", active=len(self.calls), calls=self.calls_total,
                    failed=self.calls_failed, handler_exceptions=self.handler_exceptions,
                    protocol_errors=counters.protocol_errors, events=counters.events,
-                   commands=counters.commands, accept_errors=self.accept_errors,
+                   commands=counters.commands, accept_errors=self.acceptor.errors,
                    longest_block_ms=int(self.watchdog.longest_block * 1000))
 
     def _watch_master(self) -> None:
@@ -277,7 +253,7 @@ class GeventWorker:
 
     def _title(self) -> None:
         """``worker 2 [gen 3] 14 calls`` (or ``draining 3 calls``), refreshed with heartbeats."""
-        calls = 0 if self._state == "booting" else len(self.pool)
+        calls = len(self.calls)
         state = {"ready": f"{calls} calls", "draining": f"draining {calls} calls"}.get(
             self._state, self._state)
         title = f"worker {self.spec.slot} [gen {self.spec.generation}] {state}"
