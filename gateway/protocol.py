@@ -195,6 +195,10 @@ class _LazyHeaders:
 _UNSURE = object()
 # A name a byte search finds exactly as the header split would: no separator, no line break.
 _PLAIN_NAME = re.compile(r"[^:\r\n]+")
+# name -> b"name: " (b"" when not a plain name): a call looks up the same few names again and
+# again. Bounded, since a handler may look up names without end.
+_search_prefixes: dict[str, bytes] = {}
+_SEARCH_PREFIXES_KEPT = 1024
 
 
 def _search_value(block: bytes, name: str):
@@ -204,9 +208,13 @@ def _search_value(block: bytes, name: str):
     the block settles it exactly as ``Headers`` would: a repeated name, a ``\r``, a value that
     may go on over the next line, or (in a block that is not ASCII) a name in another case.
     """
-    if b"\r" in block or not _PLAIN_NAME.fullmatch(name):
+    prefix = _search_prefixes.get(name)
+    if prefix is None:
+        prefix = name.encode() + b": " if _PLAIN_NAME.fullmatch(name) else b""
+        if len(_search_prefixes) < _SEARCH_PREFIXES_KEPT:
+            _search_prefixes[name] = prefix
+    if not prefix or b"\r" in block:
         return _UNSURE
-    prefix = name.encode() + b": "
     at = _line_start(block, prefix)
     if at < 0:
         # Absent in any case? Header lines start "name:" ("name:" alone is an empty value).
@@ -232,28 +240,29 @@ def _is_header_line(block: bytes, start: int) -> bool:
 class Frame(_LazyHeaders):
     """One frame from FreeSWITCH: outer headers (split on first use) and an optional raw body."""
 
-    __slots__ = ("body", "content_type")
+    __slots__ = ("body", "content_type", "_reply_text")
 
     def __init__(self, headers: Headers, body: bytes | None):
         self._set_headers(headers, None, False)
         self.body = body
         self.content_type: str | None = headers.get("Content-Type")
+        self._reply_text = None
 
     @classmethod
     def from_block(cls, block: bytes, body: bytes | None, common: re.Match | None) -> "Frame":
         """``common``: the block's _COMMON_OUTER match, or None (the framer matched it)."""
         frame = cls.__new__(cls)
         frame.body = body
-        if common is not None and common[3] is not None:   # a reply: its text is all that is read
-            frame.content_type = CONTENT_COMMAND_REPLY
-            frame._set_headers(Headers((("Content-Type", CONTENT_COMMAND_REPLY),
-                                        ("Reply-Text", common[4].decode("utf-8", "replace")))),
-                               None, False)
-            return frame
-        if common is not None:   # an event, api response or log line
-            frame.content_type = common[2].decode("utf-8", "replace")
+        if common is not None:
             frame._set_headers(None, block, False)
+            if common[3] is not None:   # a reply: its text is all that is read
+                frame.content_type = CONTENT_COMMAND_REPLY
+                frame._reply_text = common[4].decode("utf-8", "replace")
+            else:                       # an event, api response or log line
+                frame.content_type = common[2].decode("utf-8", "replace")
+                frame._reply_text = None
             return frame
+        frame._reply_text = None
         # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded.
         frame._set_headers(None, block, body is None and
                            _line_start(block, b"Event-Name: ") >= 0)
@@ -269,7 +278,8 @@ class Frame(_LazyHeaders):
 
     @property
     def reply_text(self) -> str:
-        return self._lookup("Reply-Text", "") or ""
+        text = self._reply_text
+        return (self._lookup("Reply-Text", "") or "") if text is None else text
 
     def body_text(self) -> str:
         return (self.body or b"").decode("utf-8", "replace")
@@ -327,27 +337,40 @@ class _Framer:
         buf = self._buf
         buf += data
         out = []
+        limit = self.max_frame_size
         while True:
             if self._pending is None:
                 if buf[:1] in (b"\n", b"\r"):
                     # Blank lines between blocks are noise (FreeSWITCH discards them too).
                     del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
                     self._scan_from = 0
-                start, stop = self._find_block_end(buf)
+                start = buf.find(b"\n\n", self._scan_from)
+                stop = start + 2
+                # A "\n\r...\n" end can only come first if a "\r" does: look only up to there.
+                if buf.find(b"\r", self._scan_from, start if start >= 0 else len(buf)) >= 0:
+                    match = _BLOCK_END_CR.search(buf, self._scan_from)
+                    start, stop = (match.start(), match.end()) if match else (-1, -1)
                 if start < 0:
-                    if len(buf) > self.max_frame_size:
-                        raise ProtocolError(
-                            f"header block exceeds {self.max_frame_size} bytes without ending")
+                    if len(buf) > limit:
+                        raise ProtocolError(f"header block exceeds {limit} bytes without ending")
                     self._scan_from = max(buf.rfind(b"\n"), 0)
                     return out
-                if start > self.max_frame_size:
+                if start > limit:
                     raise ProtocolError(f"header block of {start} bytes exceeds the "
-                                        f"{self.max_frame_size}-byte limit")
+                                        f"{limit}-byte limit")
                 block = bytes(buf[:start])
                 del buf[:stop]
                 self._scan_from = 0
                 common = _COMMON_OUTER.fullmatch(block)
-                length = _block_content_length(block, common, self.max_frame_size)
+                if common is None:
+                    length = _block_content_length(block, limit)
+                elif common[1] is None:   # a plain command reply
+                    length = None
+                else:                     # digits only, by the regex
+                    length = int(common[1])
+                    if length > limit:
+                        raise ProtocolError(f"Content-Length {length} exceeds the {limit}-byte "
+                                            "limit")
                 if length is None:
                     out.append((block, None, common))
                     continue
@@ -360,14 +383,6 @@ class _Framer:
             out.append((block, body, common))
             self._pending = None
 
-    def _find_block_end(self, buf: bytearray) -> tuple[int, int]:
-        end = buf.find(b"\n\n", self._scan_from)
-        # A "\n\r...\n" end can only come first if a "\r" does: look for one only up to there.
-        if buf.find(b"\r", self._scan_from, end if end >= 0 else len(buf)) < 0:
-            return end, end + 2
-        match = _BLOCK_END_CR.search(buf, self._scan_from)
-        return (match.start(), match.end()) if match else (-1, -1)
-
 
 # The outer blocks of nearly every frame of a call, exactly as mod_event_socket writes them: an
 # event, api response or log line (length and type), and a plain command reply. Matched whole by
@@ -376,12 +391,9 @@ _COMMON_OUTER = re.compile(rb"Content-Length: ([0-9]+)\nContent-Type: ([^\r\n]*)
                            rb"|Content-Type: (command/reply)\nReply-Text: ([^\r\n]*)")
 
 
-def _block_content_length(block: bytes, common: re.Match | None, limit: int) -> int | None:
-    """The block's Content-Length, validated; found by a byte search where that is exact."""
-    if common is not None:
-        value = None if common[1] is None else common[1].decode()
-    else:
-        value = _search_value(block, "Content-Length")
+def _block_content_length(block: bytes, limit: int) -> int | None:
+    """The Content-Length of a block that is not one of the common ones, validated."""
+    value = _search_value(block, "Content-Length")
     if value is _UNSURE:
         value = Headers(_split_header_block(block)).get("Content-Length")
     return None if value is None else _valid_length(value, limit)
@@ -428,14 +440,16 @@ class Parser:
 class Event(_LazyHeaders):
     """A FreeSWITCH event, whatever format it came in: name, case-insensitive headers, raw body.
 
-    A text/event-plain event keeps its header block as bytes until a header is asked for.
+    A text/event-plain event keeps its header block as bytes until a header is asked for. Its
+    name is read once, when it is made: the session and the handler each ask for it.
     """
 
-    __slots__ = ("body",)
+    __slots__ = ("body", "name")
 
     def __init__(self, headers: Headers, body: bytes = b""):
         self._set_headers(headers, None, True)
         self.body = body
+        self.name: str | None = headers.get("Event-Name")
 
     @classmethod
     def plain(cls, block: bytes, body: bytes) -> "Event":
@@ -443,15 +457,12 @@ class Event(_LazyHeaders):
         event = cls.__new__(cls)
         event._set_headers(None, block, True)
         event.body = body
-        return event
-
-    @property
-    def name(self) -> str | None:
-        block = self._block
-        if block is not None and block.startswith(b"Event-Name: "):
+        if block.startswith(b"Event-Name: "):
             # FreeSWITCH always serialises Event-Name first, and names need no decoding.
-            return _line_value(block, b"Event-Name: ")
-        return self.headers.get("Event-Name")
+            event.name = _line_value(block, b"Event-Name: ")
+        else:
+            event.name = event.headers.get("Event-Name")
+        return event
 
     @property
     def subclass(self) -> str | None:
@@ -485,7 +496,7 @@ def parse_event(frame: Frame) -> Event:
     content_type = frame.content_type
     body = frame.body or b""
     if content_type == "text/event-plain":
-        return _parse_plain_event(body)
+        return parse_plain_event(body)
     if content_type == "text/event-json":
         return _parse_json_event(body)
     if content_type == "text/event-xml":
@@ -495,7 +506,7 @@ def parse_event(frame: Frame) -> Event:
     raise ProtocolError(f"frame of type {content_type!r} is not an event")
 
 
-def _parse_plain_event(data: bytes) -> Event:
+def parse_plain_event(data: bytes) -> Event:
     """Cut the event's own body by its inner Content-Length (validated now), headers later."""
     end = data.find(b"\n\n")
     block, rest = (data, b"") if end < 0 else (data[:end], data[end + 2:])
@@ -548,13 +559,19 @@ def command(line: str, headers: Iterable[tuple[str, str]] = (), body: bytes | st
 
     FreeSWITCH does not url-decode what we send, so a newline can only travel in a body; one in
     the command line or a header value would end the block early and inject a second command.
+    The finished text is checked once: a line break in a piece shows as one line too many.
     """
-    pairs = [(_check_line("header name", name), _check_line(name, str(value)))
-             for name, value in headers]
-    if body is None:
-        return _block(pairs, _check_line("command", line))
-    data = body.encode("utf-8") if isinstance(body, str) else body
-    return _block([*pairs, ("Content-Length", str(len(data)))], line) + data
+    lines = [line, *[f"{name}: {value}" for name, value in headers]]
+    if body is not None:
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        lines.append(f"Content-Length: {len(data)}")
+    text = "\n".join(lines)
+    if "\r" in text or text.count("\n") != len(lines) - 1:
+        culprit = next(piece for piece in lines if _FORBIDDEN_IN_LINE.search(piece))
+        raise ValueError(f"a command line or header must not contain a line break: "
+                         f"{culprit[:60]!r}")
+    block = (text + "\n\n").encode("utf-8")
+    return block if body is None else block + data
 
 
 def _block(pairs: Iterable[tuple[str, object]], first_line: str | None = None) -> bytes:
@@ -569,7 +586,7 @@ def connect() -> bytes:
 
 
 def myevents(fmt: str = "plain") -> bytes:
-    return command("myevents" if fmt == "plain" else f"myevents {_event_format(fmt)}")
+    return b"myevents\n\n" if fmt == "plain" else command(f"myevents {_event_format(fmt)}")
 
 
 def event(fmt: str, names: Iterable[str]) -> bytes:

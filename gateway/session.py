@@ -615,7 +615,9 @@ class Session:
 
     def _dispatch(self, frame: Frame) -> None:
         content_type = frame.content_type
-        if content_type in protocol.EVENT_CONTENT_TYPES:
+        if content_type == "text/event-plain":   # most frames of a call, first
+            self._on_event(protocol.parse_plain_event(frame.body or b""))
+        elif content_type in protocol.EVENT_CONTENT_TYPES:
             self._on_event(protocol.parse_event(frame))
         elif frame.is_reply:
             if not self._pending:
