@@ -254,7 +254,7 @@ class Frame(_LazyHeaders):
         frame = cls.__new__(cls)
         frame.body = body
         if common is not None:
-            frame._set_headers(None, block, False)
+            frame._headers, frame._block, frame._encoded = None, block, False
             if common[3] is not None:   # a reply: its text is all that is read
                 frame.content_type = CONTENT_COMMAND_REPLY
                 frame._reply_text = common[4].decode("utf-8", "replace")
@@ -311,7 +311,8 @@ def _line_value(block: bytes, prefix: bytes) -> str | None:
 
 
 class _Framer:
-    """Cuts a byte stream into (header block, body, common) triples, enforcing a size limit.
+    """Cuts a byte stream into frames, enforcing a size limit; ``_make`` builds each one from
+    (header block, body, common).
 
     Shared by both directions, since FreeSWITCH frames and our commands are framed alike. A block
     ends at two newlines in a row, ignoring any ``\r`` between them (FreeSWITCH's own rule).
@@ -319,10 +320,11 @@ class _Framer:
     ``common`` is the block's _COMMON_OUTER match (or None), matched once for both uses.
     """
 
-    __slots__ = ("max_frame_size", "_buf", "_scan_from", "_pending", "_body_len")
+    __slots__ = ("max_frame_size", "_make", "_buf", "_scan_from", "_pending", "_body_len")
 
-    def __init__(self, max_frame_size: int):
+    def __init__(self, max_frame_size: int, make):
         self.max_frame_size = max_frame_size
+        self._make = make
         self._buf = bytearray()
         self._scan_from = 0          # the block end cannot start before this offset
         self._pending = None         # (header block, common) waiting for the block's body
@@ -372,7 +374,7 @@ class _Framer:
                         raise ProtocolError(f"Content-Length {length} exceeds the {limit}-byte "
                                             "limit")
                 if length is None:
-                    out.append((block, None, common))
+                    out.append(self._make(block, None, common))
                     continue
                 self._pending, self._body_len = (block, common), length
             if len(buf) < self._body_len:
@@ -380,7 +382,7 @@ class _Framer:
             body = bytes(buf[:self._body_len])
             del buf[:self._body_len]
             block, common = self._pending
-            out.append((block, body, common))
+            out.append(self._make(block, body, common))
             self._pending = None
 
 
@@ -411,7 +413,7 @@ def _valid_length(value: str, limit: int | None, what: str = "Content-Length") -
     return length
 
 
-class Parser:
+class Parser(_Framer):
     """FreeSWITCH → us: feed bytes, get complete ``Frame`` objects.
 
     The connect reply is recognised by its ``Event-Name`` header (it is a serialised CHANNEL_DATA
@@ -419,18 +421,10 @@ class Parser:
     frames' outer values raw.
     """
 
-    __slots__ = ("_framer",)
+    __slots__ = ()
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
-        self._framer = _Framer(max_frame_size)
-
-    @property
-    def mid_frame(self) -> bool:
-        return self._framer.mid_frame
-
-    def feed(self, data: bytes) -> list[Frame]:
-        return [Frame.from_block(block, body, common)
-                for block, body, common in self._framer.feed(data)]
+        super().__init__(max_frame_size, Frame.from_block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,11 +449,13 @@ class Event(_LazyHeaders):
     def plain(cls, block: bytes, body: bytes) -> "Event":
         """An event whose (url-encoded) header block is split on first use."""
         event = cls.__new__(cls)
-        event._set_headers(None, block, True)
+        event._headers, event._block, event._encoded = None, block, True
         event.body = body
         if block.startswith(b"Event-Name: "):
             # FreeSWITCH always serialises Event-Name first, and names need no decoding.
-            event.name = _line_value(block, b"Event-Name: ")
+            end = block.find(b"\n")
+            event.name = block[12:end if end >= 0 else len(block)].rstrip(b"\r").decode(
+                "utf-8", "replace")
         else:
             event.name = event.headers.get("Event-Name")
         return event
@@ -511,7 +507,7 @@ def parse_plain_event(data: bytes) -> Event:
     end = data.find(b"\n\n")
     block, rest = (data, b"") if end < 0 else (data[:end], data[end + 2:])
     # Values are url-encoded in plain events, so this text can only be the header itself.
-    value = _line_value(block, b"Content-Length: ")
+    value = _line_value(block, b"Content-Length: ") if b"Content-Length: " in block else None
     body = b"" if value is None else rest[:_valid_length(value, None, "inner Content-Length")]
     return Event.plain(block, body)
 
@@ -717,29 +713,22 @@ class Command:
         return f"<Command {self.line!r}>"
 
 
-class CommandParser:
+class CommandParser(_Framer):
     """us → FreeSWITCH: feed bytes, get ``Command`` objects (for the simulator and tests).
 
     Header values are kept raw: FreeSWITCH does not url-decode what clients send.
     """
 
-    __slots__ = ("_framer",)
+    __slots__ = ()
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
-        self._framer = _Framer(max_frame_size)
-
-    @property
-    def mid_frame(self) -> bool:
-        return self._framer.mid_frame
-
-    def feed(self, data: bytes) -> list[Command]:
-        return [Command(*_split_command_block(block), body)
-                for block, body, _ in self._framer.feed(data)]
+        super().__init__(max_frame_size, _command_from_block)
 
 
-def _split_command_block(block: bytes) -> tuple[str, Headers]:
+def _command_from_block(block: bytes, body: bytes | None, _common) -> Command:
     line, _, rest = block.partition(b"\n")
-    return line.decode("utf-8", "replace").strip("\r"), Headers(_split_header_block(rest))
+    return Command(line.decode("utf-8", "replace").strip("\r"),
+                   Headers(_split_header_block(rest)), body)
 
 
 # --------------------------------------------------------------------------------------------

@@ -577,7 +577,12 @@ class Session:
             self._peer_gone(f"FreeSWITCH closed the connection{cut}")
         elif not self._closed.is_set():   # after our FIN, what FreeSWITCH still sends is dropped
             try:
-                self._feed(data)
+                for frame in self._parser.feed(data):
+                    # Shut down meanwhile (close(), a timeout, an overflow)? Then no frame may
+                    # reach the torn-down waiters and queue, not even the rest of this chunk.
+                    if self._closed.is_set():
+                        return
+                    self._dispatch(frame)
             except ProtocolError as exc:
                 self.counters.protocol_errors += 1
                 log.warning("[%s] protocol error from FreeSWITCH: %s; closing this call",
@@ -587,14 +592,6 @@ class Session:
                 log.exception("[%s] internal error in the session reader; closing this call",
                               self.uuid)
                 self._shutdown("internal error in the session reader")
-
-    def _feed(self, data: bytes) -> None:
-        for frame in self._parser.feed(data):
-            # Shut down meanwhile (close(), a timeout, an overflow)? Then no frame may reach the
-            # torn-down waiters and queue, not even the rest of this chunk.
-            if self._closed.is_set():
-                return
-            self._dispatch(frame)
 
     def _peer_gone(self, reason: str) -> None:
         """FreeSWITCH's side is closed: release the socket at once (no FIN, no drain to wait

@@ -830,8 +830,8 @@ def test_common_outer_blocks_read_as_the_split_reads_them(start, rest):
 
 def _framed_body_length(block: bytes, limit: int) -> int | None:
     """The body length the framer expects after ``block`` (None: a frame without a body)."""
-    framer = protocol._Framer(limit)
-    return None if framer.feed(block + b"\n\n") else framer._body_len
+    parser = Parser(limit)
+    return None if parser.feed(block + b"\n\n") else parser._body_len
 
 
 def _outcome(compute):
