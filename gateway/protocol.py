@@ -158,12 +158,43 @@ def _split_header_block(block: bytes) -> list[tuple[str, str]]:
 # Frames from FreeSWITCH
 # --------------------------------------------------------------------------------------------
 
-class _LazyHeaders:
-    """Keeps a header block as bytes and splits it into ``Headers`` on first use.
+class _BlockHeaders(Headers):
+    """Headers still held as their header block: a lookup searches the bytes, and only what
+    needs the whole map (iteration, ``len``, ``in``, a lookup the search cannot settle exactly)
+    splits it, once.
 
-    Most of what a call receives is only ever asked for its type or name (found by a byte
-    search), and a parsed header map costs several times the bytes (a real event has ~100).
+    A call's channel data and events carry ~100 headers each, of which the session and most
+    handlers read a handful; splitting them all for that was most of the parsing cost, and a
+    split map costs several times the bytes of a held call's channel data.
     """
+
+    __slots__ = ("_block",)
+
+    def __init__(self, block: bytes, encoded: bool):
+        self._block, self._folded, self._encoded = block, None, encoded
+
+    def __getattr__(self, name: str):
+        # Reached only while the _values slot is unset: the whole map is wanted now.
+        if name != "_values":
+            raise AttributeError(name)
+        self._values = dict(_split_header_block(self._block))   # the last duplicate wins
+        self._block = None
+        return self._values
+
+    def _raw_value(self, name: str):
+        block = self._block
+        if block is not None and name.__class__ is str:
+            value = _search_value(block, name)
+            if value is None:
+                return _MISSING
+            if value is not _UNSURE:
+                return value
+        return Headers._raw_value(self, name)
+
+
+class _LazyHeaders:
+    """Keeps a header block as bytes until a header is asked for (most frames and events of a
+    call are only ever asked for their type or name)."""
 
     __slots__ = ("_headers", "_block", "_encoded")
 
@@ -173,22 +204,11 @@ class _LazyHeaders:
     @property
     def headers(self) -> Headers:
         if self._headers is None:
-            self._headers = Headers(_split_header_block(self._block), encoded=self._encoded)
+            self._headers = _BlockHeaders(self._block, self._encoded)
             self._block = None
         return self._headers
 
     def _lookup(self, name: str, default=None):
-        """``headers.get(name, default)``, by a byte search while the block is still unsplit.
-
-        The session and most handlers read a handful of an event's ~100 headers; splitting them
-        all for one lookup was most of the parsing cost.
-        """
-        if self._block is not None and name.__class__ is str:
-            value = _search_value(self._block, name)
-            if value is None:
-                return default
-            if value is not _UNSURE:
-                return _decode_value(value, self._encoded)
         return self.headers.get(name, default)
 
 

@@ -796,11 +796,16 @@ _BLOCKS = st.lists(_LINES, min_size=1, max_size=6).map(b"\n".join)
                                             "A", "A: x", "x", "", "A\n", "k", "\u212a"]),
        encoded=st.booleans())
 def test_lookup_on_an_unsplit_block_equals_the_split(block, name, encoded):
-    """Guards the byte-search shortcut: it must give exactly what splitting the block gives."""
+    """Guards the byte-search shortcut: it must give exactly what splitting the block gives, and
+    the headers it hands out must then behave as the split map in every other way."""
     unsplit = Event.plain(block, b"") if encoded else Frame.from_block(
         block, b"", protocol._COMMON_OUTER.fullmatch(block))
-    expected = Headers(protocol._split_header_block(block), encoded=encoded).get(name, "absent")
-    assert unsplit._lookup(name, "absent") == expected
+    split = Headers(protocol._split_header_block(block), encoded=encoded)
+    assert unsplit._lookup(name, "absent") == split.get(name, "absent")
+    assert unsplit.headers.raw(name) == split.raw(name)
+    assert (name in unsplit.headers) == (name in split)
+    assert list(unsplit.headers.items()) == list(split.items())
+    assert unsplit.headers.get(name, "absent") == split.get(name, "absent")
 
 
 _OUTER_PIECES = st.sampled_from([b"Content-Length: ", b"Content-Type: ", b"Reply-Text: ",

@@ -63,6 +63,9 @@ class GeventWorker:
         # it after MAX_BLOCKING_REPORT, and at --timeout the master sends SIGABRT, on which
         # faulthandler writes every thread's stack. Both go to stderr (journald).
         faulthandler.enable()
+        # Every call is a greenlet: recording who spawned it, and that greenlet's stack, is work
+        # and memory per call that nothing here reads.
+        gevent.config.track_greenlet_tree = False
         monkey.patch_all()
         from gevent import socket as gsocket   # after patching: the cooperative socket type
         self.channel = gsocket.socket(fileno=self.spec.channel.detach())
