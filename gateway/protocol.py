@@ -733,6 +733,25 @@ class Command:
         return f"<Command {self.line!r}>"
 
 
+class SessionParser(_Framer):
+    """FreeSWITCH → a session: a ``Parser`` that hands out a plain event's frame as its
+    ``Event`` (what the session wants of it), and every other frame as a ``Frame``.
+
+    Most frames of a call are plain events: this skips a Frame per event and its dispatch.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+        super().__init__(max_frame_size, _event_or_frame)
+
+
+def _event_or_frame(block: bytes, body: bytes | None, common: re.Match | None) -> Event | Frame:
+    if common is not None and common[2] == b"text/event-plain":   # body: set, by its length
+        return parse_plain_event(body)
+    return Frame.from_block(block, body, common)
+
+
 class CommandParser(_Framer):
     """us → FreeSWITCH: feed bytes, get ``Command`` objects (for the simulator and tests).
 

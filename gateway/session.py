@@ -220,7 +220,7 @@ class Session:
         self.hangup_cause: str | None = None
         self.close_reason: str | None = None
         self._sock = sock
-        self._parser = protocol.Parser(self.settings.max_frame_size)
+        self._parser = protocol.SessionParser(self.settings.max_frame_size)
         self._write_lock = Semaphore()
         self._pending: deque[tuple[_Reply, str]] = deque()
         self._executes: dict[str, tuple[_Reply, str]] = {}
@@ -577,12 +577,15 @@ class Session:
             self._peer_gone(f"FreeSWITCH closed the connection{cut}")
         elif not self._closed.is_set():   # after our FIN, what FreeSWITCH still sends is dropped
             try:
-                for frame in self._parser.feed(data):
+                for item in self._parser.feed(data):
                     # Shut down meanwhile (close(), a timeout, an overflow)? Then no frame may
                     # reach the torn-down waiters and queue, not even the rest of this chunk.
                     if self._closed.is_set():
                         return
-                    self._dispatch(frame)
+                    if item.__class__ is Event:   # a plain event, most of a call's frames
+                        self._on_event(item)
+                    else:
+                        self._dispatch(item)
             except ProtocolError as exc:
                 self.counters.protocol_errors += 1
                 log.warning("[%s] protocol error from FreeSWITCH: %s; closing this call",
@@ -612,9 +615,7 @@ class Session:
 
     def _dispatch(self, frame: Frame) -> None:
         content_type = frame.content_type
-        if content_type == "text/event-plain":   # most frames of a call, first
-            self._on_event(protocol.parse_plain_event(frame.body or b""))
-        elif content_type in protocol.EVENT_CONTENT_TYPES:
+        if content_type in protocol.EVENT_CONTENT_TYPES:
             self._on_event(protocol.parse_event(frame))
         elif frame.is_reply:
             if not self._pending:

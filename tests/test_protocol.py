@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gateway import protocol
 from gateway.protocol import (CommandParser, Event, Frame, Headers, Parser, ProtocolError,
-                              parse_event)
+                              SessionParser, parse_event)
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures"
 FIXTURES = sorted(p.name[:-len(".frames.json")] for p in FIXTURE_DIR.glob("*.frames.json"))
@@ -163,6 +163,29 @@ def test_golden_fs_frames(name):
         assert raw_pairs(frame.headers) == golden_pairs(exp), i
         assert frame.body == golden_body(exp), i
     assert not parser.mid_frame
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_session_parser_gives_what_parser_and_parse_event_give(name):
+    """Guards the session's shortcut for plain events: each must come out as the Event that
+    parse_event makes of its frame (name, every header, body), and every other frame as is."""
+    data = fixture_bytes(name, "fs")
+    for chunks in ([data], [data[i:i + 97] for i in range(0, len(data), 97)]):
+        parser = SessionParser()
+        items = [item for chunk in chunks for item in parser.feed(chunk)]
+        frames = Parser().feed(data)
+        assert len(items) == len(frames)
+        for item, frame in zip(items, frames):
+            if frame.content_type == "text/event-plain":
+                expected = parse_event(frame)
+                assert isinstance(item, Event)
+                assert (item.name, item.body) == (expected.name, expected.body)
+                assert list(item.headers.items()) == list(expected.headers.items())
+            else:
+                assert isinstance(item, Frame)
+                assert (item.content_type, item.body) == (frame.content_type, frame.body)
+                assert list(item.headers.items()) == list(frame.headers.items())
+        assert not parser.mid_frame
 
 
 @pytest.mark.parametrize("name", FIXTURES)
