@@ -185,8 +185,6 @@ class _BlockHeaders(Headers):
         block = self._block
         if block is not None and name.__class__ is str:
             value = _search_value(block, name)
-            if value is None:
-                return _MISSING
             if value is not _UNSURE:
                 return value
         return Headers._raw_value(self, name)
@@ -209,6 +207,12 @@ class _LazyHeaders:
         return self._headers
 
     def _lookup(self, name: str, default=None):
+        """``headers.get(name, default)``, searching the block itself while no map was asked for
+        (the session looks up a few headers of some events)."""
+        if self._headers is None and name.__class__ is str:
+            value = _search_value(self._block, name)
+            if value is not _UNSURE:
+                return default if value is _MISSING else _decode_value(value, self._encoded)
         return self.headers.get(name, default)
 
 
@@ -224,7 +228,7 @@ _SEARCH_PREFIXES_KEPT = 1024
 def _search_value(block: bytes, name: str):
     """Header ``name``'s value as on the wire, found in an unsplit block by byte search.
 
-    Returns the value, None when the block has no such header, or _UNSURE when only splitting
+    Returns the value, _MISSING when the block has no such header, or _UNSURE when only splitting
     the block settles it exactly as ``Headers`` would: a repeated name, a ``\r``, a value that
     may go on over the next line, or (in a block that is not ASCII) a name in another case.
     """
@@ -239,7 +243,7 @@ def _search_value(block: bytes, name: str):
     if at < 0:
         # Absent in any case? Header lines start "name:" ("name:" alone is an empty value).
         if block.isascii() and _line_start(block.lower(), name.lower().encode() + b":") < 0:
-            return None
+            return _MISSING
         return _UNSURE
     if block.find(b"\n" + prefix[:-1], at) >= 0:   # repeated, perhaps as "Name:" (the last wins)
         return _UNSURE
@@ -417,8 +421,8 @@ def _block_content_length(block: bytes, limit: int) -> int | None:
     """The Content-Length of a block that is not one of the common ones, validated."""
     value = _search_value(block, "Content-Length")
     if value is _UNSURE:
-        value = Headers(_split_header_block(block)).get("Content-Length")
-    return None if value is None else _valid_length(value, limit)
+        value = Headers(_split_header_block(block)).get("Content-Length", _MISSING)
+    return None if value is _MISSING else _valid_length(value, limit)
 
 
 def _valid_length(value: str, limit: int | None, what: str = "Content-Length") -> int:
