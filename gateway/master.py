@@ -513,8 +513,13 @@ class Master:
 
     def spawn_worker(self, slot: int, generation: int, config) -> None:
         master_end, worker_end = socket.socketpair()
+        # Our signals wait, blocked, from before fork() until the new worker has its own
+        # handlers: one that comes while it boots (a reload right after a respawn) must reach
+        # the worker's stop(), not our handler's copy in the child or the default action.
+        blocked = self._signal_numbers()
         spec = WorkerSpec(slot=slot, generation=generation, config=config,
-                          listeners=self.listeners, channel=worker_end)
+                          listeners=self.listeners, channel=worker_end, blocked_signals=blocked)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         pid = os.fork()
         if pid == 0:
             try:
@@ -522,6 +527,7 @@ class Master:
                 child_main(spec, self.worker_class)
             finally:
                 os._exit(EXIT_CRASH)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker_end.close()
         master_end.setblocking(False)
         record = WorkerRecord(pid, slot, generation, master_end)

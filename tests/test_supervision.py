@@ -221,6 +221,25 @@ def test_ttin_ttou_add_and_drain_a_worker(start_gateway):
     assert len(gateway.worker_pids()) == 1
 
 
+def test_a_stop_signal_while_a_worker_boots_reaches_its_stop(start_gateway):
+    """SIGTERM to a worker still importing its code (a reload right after a respawn) waits until
+    its handlers are in place, then makes it drain and leave cleanly; it is not killed by the
+    signal's default action (nor swallowed by the master's handler, inherited across fork)."""
+    gateway = start_gateway(workers=1)
+    [first] = gateway.worker_pids()
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not (booting := [pid for pid in gateway.worker_pids() if pid != first]):
+        assert time.monotonic() < deadline, "no replacement forked"
+        time.sleep(0.0005)   # catch it just after fork(), long before it is ready
+    os.kill(booting[0], signal.SIGTERM)
+    sent_at = time.time()
+    gateway.wait_for_log(rf"\(pid {booting[0]}, gen 1\) exited cleanly \(drained\)")
+    [ready_at] = log_times(gateway, rf"\(pid {booting[0]}\) ready")
+    assert sent_at < ready_at   # the signal came while it booted
+    assert f"pid {booting[0]}, gen 1) was killed" not in gateway.log()
+
+
 def test_master_death_workers_finish_calls_then_unbind(start_gateway):
     """If the master dies, workers stop accepting, finish their calls and exit: no orphan keeps
     serving the port unsupervised."""

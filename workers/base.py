@@ -30,6 +30,8 @@ class WorkerSpec:
     config: object
     listeners: list[socket.socket]
     channel: socket.socket   # this worker's end of its socketpair with the master
+    # Blocked since before fork(); the worker unblocks them once its own handlers are in place.
+    blocked_signals: set[int]
 
 
 def set_title(text: str) -> None:

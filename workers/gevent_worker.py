@@ -112,6 +112,8 @@ class GeventWorker:
         gevent.signal_handler(signal.SIGQUIT, self.stop, "stopped", "asked to quit (SIGQUIT)",
                               False)
         gevent.signal_handler(signal.SIGINT, self.stop, "stopped", "interrupted (SIGINT)", False)
+        # Any that came while we booted is delivered now, to the handlers above.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.spec.blocked_signals)
 
     def stop(self, reason: str, detail: str, graceful: bool) -> None:
         """Stop accepting; graceful keeps calls until they end, quick closes them now.
