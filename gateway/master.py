@@ -97,7 +97,8 @@ class Master:
         self.upgrade_signalled_at = 0.0
         self.exits: deque[dict] = deque(maxlen=EXIT_HISTORY)
         self.exit_counts: dict[str, int] = {}   # by classification, never trimmed
-        self.dead_totals = dict.fromkeys(ipc.HEARTBEAT_COUNTERS, 0)   # counts of workers that are gone
+        # The counters of workers that are gone.
+        self.dead_totals = dict.fromkeys(ipc.HEARTBEAT_COUNTERS, 0)
         self.reloads = self.reload_failures = self.upgrades = self.upgrade_failures = 0
         self.last_deploy_error: dict | None = None
         self.started_at = time.time()
@@ -584,7 +585,8 @@ class Master:
         kind = message.get("t")
         record.last_heartbeat = time.monotonic()
         if kind == "hb":
-            record.counters = {key: int(message.get(key, 0)) for key in ipc.HEARTBEAT_COUNTERS + ipc.HEARTBEAT_GAUGES}
+            record.counters = {key: int(message.get(key, 0))
+                               for key in ipc.HEARTBEAT_COUNTERS + ipc.HEARTBEAT_GAUGES}
         elif kind == "ready":
             record.state, record.ready_at = "ready", time.monotonic()
             self._maybe_notify_ready()

@@ -16,7 +16,6 @@ from gateway.listeners import parse_address
 from gateway.protocol import SOCKET_MODES
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", metavar="HOST:PORT", help="the listener to probe")
     parser.add_argument("--wait", type=float, default=25.0, metavar="SECONDS",

@@ -278,7 +278,7 @@ class Frame(_LazyHeaders):
         frame = cls.__new__(cls)
         frame.body = body
         if common is not None:
-            frame._headers, frame._block, frame._encoded = None, block, False
+            frame._set_headers(None, block, False)
             if common[3] is not None:   # a reply: its text is all that is read
                 frame.content_type = CONTENT_COMMAND_REPLY
                 frame._reply_text = common[4].decode("utf-8", "replace")
@@ -473,13 +473,11 @@ class Event(_LazyHeaders):
     def plain(cls, block: bytes, body: bytes) -> "Event":
         """An event whose (url-encoded) header block is split on first use."""
         event = cls.__new__(cls)
-        event._headers, event._block, event._encoded = None, block, True
+        event._set_headers(None, block, True)
         event.body = body
         if block.startswith(b"Event-Name: "):
             # FreeSWITCH always serialises Event-Name first, and names need no decoding.
-            end = block.find(b"\n")
-            event.name = block[12:end if end >= 0 else len(block)].rstrip(b"\r").decode(
-                "utf-8", "replace")
+            event.name = _line_value(block, b"Event-Name: ")
         else:
             event.name = event.headers.get("Event-Name")
         return event
@@ -579,18 +577,19 @@ def command(line: str, headers: Iterable[tuple[str, str]] = (), body: bytes | st
 
     FreeSWITCH does not url-decode what we send, so a newline can only travel in a body; one in
     the command line or a header value would end the block early and inject a second command.
-    The finished text is checked once: a line break in a piece shows as one line too many.
+    The finished block is checked once: a line break in a piece shows as one line too many.
     """
-    lines = [line, *[f"{name}: {value}" for name, value in headers]]
+    pairs = list(headers)
     if body is not None:
         data = body.encode("utf-8") if isinstance(body, str) else body
-        lines.append(f"Content-Length: {len(data)}")
-    text = "\n".join(lines)
-    if "\r" in text or text.count("\n") != len(lines) - 1:
-        culprit = next(piece for piece in lines if _FORBIDDEN_IN_LINE.search(piece))
+        pairs.append(("Content-Length", len(data)))
+    block = _block(pairs, line)
+    # The command line, one line per header and the blank line: any more is a line break inside.
+    if b"\r" in block or block.count(b"\n") != len(pairs) + 2:
+        pieces = [line, *(f"{name}: {value}" for name, value in pairs)]
+        culprit = next(piece for piece in pieces if _FORBIDDEN_IN_LINE.search(piece))
         raise ValueError(f"a command line or header must not contain a line break: "
                          f"{culprit[:60]!r}")
-    block = (text + "\n\n").encode("utf-8")
     return block if body is None else block + data
 
 

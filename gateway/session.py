@@ -205,8 +205,8 @@ class Session:
     __slots__ = ("settings", "counters", "uuid", "channel", "socket_mode", "control", "hungup",
                  "hangup_cause", "close_reason", "_sock", "_parser", "_write_lock", "_pending",
                  "_executes", "_jobs", "_events", "_event_ready", "_closed", "_connected_at",
-                 "_event_format",
-                 "_background_jobs_subscribed", "_watcher", "_drain_timer", "__weakref__")
+                 "_event_format", "_background_jobs_subscribed", "_watcher", "_drain_timer",
+                 "__weakref__")
 
     def __init__(self, sock, settings: SessionSettings | None = None,
                  counters: Counters | None = None):
@@ -241,7 +241,7 @@ class Session:
         """Send ``connect`` (FreeSWITCH says nothing until we do) and decode CHANNEL_DATA."""
         # Reads happen only when the loop says the socket is readable, so they must never wait.
         self._sock.setblocking(False)
-        self._watcher = gevent.get_hub().loop.io(self._sock.fileno(), 1)
+        self._watcher = get_hub().loop.io(self._sock.fileno(), 1)
         self._watcher.start(self._on_readable)
         reply = self._command(protocol.connect(), "connect")
         if not reply.reply_text.startswith("+OK"):

@@ -35,7 +35,6 @@ class Acceptor:
     def __init__(self, listeners, on_connection: Callable[[_socket.socket], None], slot: int):
         self._on_connection = on_connection
         self._slot = slot
-        self._listeners = listeners
         loop = get_hub().loop
         self._watchers = []
         for sock in listeners:
