@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,6 +44,31 @@ def non_negative_float(text: str) -> float:
 def address_list(text: str) -> list[str]:
     """Comma- or space-separated ``HOST:PORT`` list (the file and environment form of --bind)."""
     return [item for item in text.replace(",", " ").split() if item]
+
+
+@dataclass(frozen=True)
+class CallAction:
+    """What the gateway does with a call it has to give up on: ``dialplan`` closes the socket so
+    FreeSWITCH's dialplan goes on with its next action; ``hangup[:CAUSE]`` hangs the call up."""
+
+    kind: str
+    cause: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.cause}" if self.cause else self.kind
+
+
+def call_action(text: str) -> CallAction:
+    kind, _, cause = text.strip().partition(":")
+    kind = kind.lower()
+    if kind == "dialplan" and not cause:
+        return CallAction("dialplan")
+    if kind == "hangup":
+        cause = cause.upper() or "NORMAL_CLEARING"
+        if not re.fullmatch(r"[A-Z0-9_]+", cause):
+            raise ValueError(f"not a hangup cause: {cause!r}")
+        return CallAction("hangup", cause)
+    raise ValueError(f"must be dialplan or hangup[:CAUSE], not {text!r}")
 
 
 def log_level(text: str) -> str:
@@ -83,6 +109,10 @@ SETTINGS: tuple[Setting, ...] = (
             help="Address to listen on; repeat for several. [::]:PORT is dual-stack IPv4+IPv6."),
     Setting("workers", positive_int, lambda: os.cpu_count() or 1, ("-w", "--workers"),
             metavar="N", default_doc="the CPU count", help="Number of worker processes."),
+    Setting("spare_workers", non_negative_int, 1, ("--spare-workers",), metavar="N",
+            help="Workers kept booted per generation (app imported, not accepting) to take a "
+                 "dead worker's place at once: the replacement accepts within milliseconds "
+                 "instead of after a boot (~100 ms, more under load). 0: none."),
     Setting("worker_connections", positive_int, 1000, ("--worker-connections",), metavar="N",
             help="Concurrent calls per worker; a full worker leaves new calls queued for others."),
     Setting("max_calls", non_negative_int, 0, ("--max-calls",), metavar="N",
@@ -109,6 +139,13 @@ SETTINGS: tuple[Setting, ...] = (
             help="Linger time sent on every `full` socket before the handler runs, so "
                  "CHANNEL_HANGUP_COMPLETE arrives (a bare `linger` would pin the call inside "
                  "FreeSWITCH for ever)."),
+    Setting("on_handler_error", call_action, CallAction("hangup", "TEMPORARY_FAILURE"),
+            ("--on-handler-error",), metavar="dialplan|hangup[:CAUSE]",
+            help="What a call gets when its handler raises: `hangup:CAUSE` hangs it up (the "
+                 "caller hears the failure at once, CDRs show CAUSE, an unanswered call gets "
+                 "SIP 503 for TEMPORARY_FAILURE, so a carrier can route it elsewhere); "
+                 "`dialplan` closes the socket and FreeSWITCH runs the dialplan's next action "
+                 "(a fallback after `socket`, or NORMAL_CLEARING if there is none)."),
     Setting("ready_timeout", non_negative_float, 60.0, ("--ready-timeout",), metavar="SECONDS",
             help="How long a reload or upgrade waits for its new workers to be ready; then it "
                  "is abandoned and the old generation keeps serving."),

@@ -2,13 +2,18 @@
 
 Each message is a 4-byte big-endian length and a msgpack map with a ``t`` (type) key. The framing
 is ours, not msgpack's streaming unpacker, so the bytes of a half-received message can be handed
-to the next master image across an in-place upgrade. Workers send:
+to the next master image across an in-place upgrade. Counters do not travel here: they are in
+each worker's shared page (gateway.scoreboard). Workers send what they *say*:
 
 * ``ready``: the app is imported and the worker accepts calls;
-* ``hb``: heartbeat with the worker's counters (batched: about once a second, not per event);
+* ``hb``: heartbeat, the proof that the worker's event loop turns (about once a second);
 * ``draining``: the worker stopped accepting and is finishing its calls, with its reason
-  (drained, stopped, recycled, orphaned), so the master can start its replacement at once;
-* ``boot_error`` / ``crash``: the traceback that is about to end the worker.
+  (drained, stopped, recycled, orphaned, app_exit), so the master can start its replacement
+  at once;
+* ``bye``: the last word of a planned exit, with its reason; a worker that ends without it
+  crashed, whatever its exit code;
+* ``boot_error`` / ``crash`` / ``app_exit``: the traceback that is about to end the worker, and
+  for ``app_exit`` the code the app passed to sys.exit().
 """
 
 from __future__ import annotations
@@ -18,11 +23,6 @@ import struct
 import msgpack
 
 HEADER = struct.Struct(">I")
-# What a heartbeat carries: counters only ever grow (the master adds a dead worker's last ones
-# to its totals), gauges are the worker's state now.
-HEARTBEAT_COUNTERS = ("calls", "failed", "handler_exceptions", "protocol_errors", "events",
-                      "commands", "accept_errors")
-HEARTBEAT_GAUGES = ("active", "longest_block_ms")
 MAX_MESSAGE = 1024 * 1024
 
 

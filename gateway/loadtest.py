@@ -11,6 +11,7 @@ status is non-zero when any call did not complete.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import selectors
@@ -76,16 +77,24 @@ def call_count(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace, progress=None):
-    """Offer the calls from ``--procs`` processes; ``progress(counts, elapsed)`` now and then."""
-    address = parse_address(args.address)[1]
-    total = call_count(args)
-    shares = [total // args.procs + (1 if i < total % args.procs else 0)
-              for i in range(args.procs)]
-    rate = args.rate / args.procs if args.rate else None
-    concurrency = max(1, args.concurrency // args.procs) if args.concurrency else None
-    if args.procs == 1:
-        return _run_here(address, shares[0], rate, concurrency, call_options(args), 0, progress)
-    return _run_forked(address, shares, rate, concurrency, call_options(args), progress)
+    """Offer the calls the command line asks for; ``progress(counts, elapsed)`` now and then."""
+    return offer(parse_address(args.address)[1], call_count(args), args.rate, args.concurrency,
+                 call_options(args), args.procs, progress)
+
+
+def offer(address, calls: int, rate: float | None = None, concurrency: int | None = None,
+          options=None, procs: int = 1, progress=None):
+    """Offer ``calls`` simulated calls from ``procs`` processes (a LoadResult with every
+    call's result, as run_load gives): one process of Python cannot offer a few hundred
+    faithful calls a second on its own."""
+    from gateway.simulator import CallOptions
+    options = options or CallOptions()
+    shares = [calls // procs + (1 if i < calls % procs else 0) for i in range(procs)]
+    rate = rate / procs if rate else None
+    concurrency = max(1, concurrency // procs) if concurrency else None
+    if procs == 1:
+        return _run_here(address, shares[0], rate, concurrency, options, 0, progress)
+    return _run_forked(address, shares, rate, concurrency, options, progress)
 
 
 def _run_here(address, calls, rate, concurrency, options, seed, progress):
@@ -152,13 +161,15 @@ def _run_forked(address, shares, rate, concurrency, options, progress):
 def _child(pipe: int, address, calls, rate, concurrency, options, index) -> None:
     code = 1
     try:
+        import gevent
+        gevent.reinit()   # a parent that ran an event loop (a test) left us its copy
+
         def report(counts, _elapsed):
             os.write(pipe, json.dumps({"counts": counts}).encode() + b"\n")
 
         result = _run_here(address, calls, rate, concurrency, options, index, report)
         report(result.counts(), result.elapsed)
-        fields = ("outcome", "detail", "first_byte_ms", "duration_ms")
-        payload = {"results": [{f: getattr(r, f) for f in fields} for r in result.results]}
+        payload = {"results": [dataclasses.asdict(r) for r in result.results]}
         data = json.dumps(payload).encode() + b"\n"
         while data:
             data = data[os.write(pipe, data):]

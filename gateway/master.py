@@ -15,6 +15,7 @@ with the new code.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -27,12 +28,18 @@ from collections import deque
 from dataclasses import dataclass
 
 from gateway import __version__, ipc, listeners, stats, systemd, upgrade
-from gateway.backoff import CRASH_WINDOW, RespawnBackoff
+from gateway.backoff import RespawnBackoff
 from gateway.httpserver import HTTPServer
-from workers.base import EXIT_BOOT_ERROR, EXIT_CRASH, WorkerSpec, child_main, set_title
+from gateway.scoreboard import FIELDS, INDEX, CounterBlock
+from workers.base import EXIT_CRASH, WorkerSpec, child_main, set_title
 
 log = logging.getLogger("esl_gateway.master")
 
+SPARE = 0   # the slot number of a spare worker: booted, not accepting, waiting for a slot
+FORK_SERVER = -1   # the backoff key's slot for a generation's fork server
+FORK_DEADLINE = 2.0   # a worker the fork server has not forked by then is forked here instead
+FORK_SERVER_CLASS = "workers.forkserver:ForkServer"
+PR_SET_CHILD_SUBREAPER = 36
 LOOP_TICK = 1.0   # at most; the loop wakes sooner for signals, messages and a short --timeout
 ABORT_GRACE = 2.0        # SIGABRT (faulthandler dumps the stack) before SIGKILL for a hung worker
 QUICK_STOP_SECONDS = 5.0
@@ -40,24 +47,52 @@ GRACE_AFTER_GRACEFUL_TIMEOUT = 5.0
 STATUS_INTERVAL = 5.0    # how often STATUS= and the process title are refreshed
 EXIT_HISTORY = 100
 RECORD_FIELDS = ("pid", "slot", "generation", "started", "last_heartbeat", "state", "ready_at",
-                 "counters", "traceback", "exit_reason", "aborted_at", "stopped_accepting")
+                 "traceback", "exit_reason", "aborted_at", "stopped_accepting", "farewell",
+                 "boot_failed", "app_exit_code", "crash_reported")
 
 
 class WorkerRecord:
     """The master's view of one worker process."""
 
-    def __init__(self, pid: int, slot: int, generation: int, channel: socket.socket):
+    def __init__(self, pid: int | None, slot: int, generation: int, channel: socket.socket,
+                 block: CounterBlock):
         self.pid, self.slot, self.generation, self.channel = pid, slot, generation, channel
+        self.block = block   # its counters, in shared memory (gateway.scoreboard)
         self.reader = ipc.MessageReader()
         self.started = time.monotonic()
         self.last_heartbeat = self.started
         self.state = "booting"          # booting, ready, draining
         self.ready_at: float | None = None
-        self.counters: dict[str, int] = {}
         self.traceback: str | None = None
-        self.exit_reason: str | None = None
+        self.exit_reason: str | None = None    # what its "draining" message said it is doing
         self.aborted_at: float | None = None   # when it was found hung and sent SIGABRT
         self.stopped_accepting = False   # it confirmed (its "draining" message) it accepts no more
+        # What the worker said about its end; how it ended is classified from these words.
+        self.farewell: str | None = None       # its "bye": the reason of a planned exit
+        self.boot_failed = False               # it said it cannot load the app
+        self.app_exit_code: int | None = None  # it said the app called sys.exit()
+        self.crash_reported = False            # it sent the traceback that is ending it
+        self.retire_signal: int | None = None   # the stop signal it was sent (or is due)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.block.read()
+
+    @property
+    def name(self) -> str:
+        """How logs name it: ``worker 2``, or ``spare worker`` until it is given a slot."""
+        return f"worker {self.slot}" if self.slot != SPARE else "spare worker"
+
+
+@dataclass
+class ForkServerRecord:
+    """A generation's fork server (workers.forkserver): forks that generation's workers."""
+
+    pid: int
+    generation: int
+    channel: socket.socket   # SOCK_SEQPACKET: one request or answer per message
+    ready: bool = False
+    retired: bool = False    # its generation no longer needs it; it was told to go
 
 
 @dataclass
@@ -90,6 +125,8 @@ class Master:
         self.argv = argv                  # our command line, for the upgrade's exec
         self.load_config = load_config    # re-reads the config file (and environment) on reload
         self.workers: dict[int, WorkerRecord] = {}
+        self.forking: list[WorkerRecord] = []   # asked of a fork server, pid not known yet
+        self.forkservers: dict[int, ForkServerRecord] = {}   # by generation
         self.generation = 1
         self.pending: PendingReload | None = None
         self.switchover: Switchover | None = None
@@ -98,7 +135,8 @@ class Master:
         self.exits: deque[dict] = deque(maxlen=EXIT_HISTORY)
         self.exit_counts: dict[str, int] = {}   # by classification, never trimmed
         # The counters of workers that are gone.
-        self.dead_totals = dict.fromkeys(ipc.HEARTBEAT_COUNTERS, 0)
+        self.dead_totals = dict.fromkeys(FIELDS, 0)
+        self.oom_kills = stats.oom_kills()   # the kernel's count, to tell OOM kills from others
         self.reloads = self.reload_failures = self.upgrades = self.upgrade_failures = 0
         self.last_deploy_error: dict | None = None
         self.started_at = time.time()
@@ -119,6 +157,11 @@ class Master:
     # -- start and run ----------------------------------------------------------------------
 
     def run(self, state: dict | None = None) -> int:
+        # Workers forked by a fork server are its grandchildren: they become ours once their
+        # parent (the fork server's helper) exits, so we reap them and see how they ended.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
         if state is None:
             self.listeners = self._open_listeners()
         else:
@@ -145,8 +188,9 @@ class Master:
             while self.signal_queue:
                 name = signal.Signals(self.signal_queue.popleft()).name[3:].lower()
                 getattr(self, f"handle_{name}")()
+            self._adopt_forked()
             if self.stopping:
-                if not self.workers:
+                if not (self.workers or self.forking or self.forkservers):
                     break
                 if time.monotonic() > self.stop_deadline:
                     log.warning("%d worker(s) still running at the stop deadline; killing them",
@@ -238,6 +282,8 @@ class Master:
                     pass   # drained
             elif isinstance(key.data, WorkerRecord):
                 self._read_channel(key.data)
+            elif isinstance(key.data, ForkServerRecord):
+                self._read_forkserver(key.data)
             else:
                 key.data(mask)   # the stats endpoint's sockets
         if self.stats_server is not None:
@@ -290,6 +336,8 @@ class Master:
         log.info("%s stop: %d worker(s) to finish", "graceful" if graceful else "quick",
                  len(self.workers))
         self._signal_workers(signal.SIGTERM if graceful else signal.SIGQUIT)
+        for server in self.forkservers.values():
+            self._retire_forkserver(server)
 
     # -- reload: a new generation of workers ------------------------------------------------
 
@@ -347,7 +395,7 @@ class Master:
         self.generation, self.config, self.pending = pending.generation, pending.config, None
         if pending.reason == "reload":
             self.reloads += 1
-        for record in self.workers.values():
+        for record in self._all_workers():
             if record.generation < self.generation and record.state != "draining":
                 self._retire(record, signal.SIGTERM)
         self.switchover = Switchover(pending.reason, pending.started, old)
@@ -371,14 +419,21 @@ class Master:
         systemd.notify("READY=1", self._status_line())
 
     def _retire_generation(self, generation: int, signum: int) -> None:
-        for record in self.workers.values():
+        for record in self._all_workers():
             if record.generation == generation:
                 self._retire(record, signum)
 
     def _retire(self, record: WorkerRecord, signum: int) -> None:
-        """Take a worker out of service: SIGTERM drains its calls, SIGQUIT closes them."""
+        """Take a worker out of service: SIGTERM drains its calls, SIGQUIT closes them. One
+        still being forked gets the signal once its pid is known."""
         record.state = "draining"
-        _kill(record.pid, signum)
+        record.retire_signal = signum
+        if record.pid is not None:
+            _kill(record.pid, signum)
+
+    def _all_workers(self) -> list[WorkerRecord]:
+        """Every worker, those a fork server is still forking included."""
+        return [*self.workers.values(), *self.forking]
 
     def _ready_slots(self, generation: int) -> set[int]:
         return {w.slot for w in self.workers.values()
@@ -423,9 +478,17 @@ class Master:
             log.warning("upgrade not carried out: the master is stopping or a reload started")
             return
         systemd.notify("RELOADING=1", systemd.monotonic_usec())
+        # Fork servers hold the old code: the new image starts its own. Workers being forked
+        # right now are adopted first, so they are handed over with the others.
+        for server in self.forkservers.values():
+            self._retire_forkserver(server)
+        self._adopt_forked()
         state_fd = upgrade.write_state(self.export_state())
-        keep = [sock.fileno() for sock in self.listeners] + [
-            w.channel.fileno() for w in self.workers.values() if w.channel.fileno() >= 0]
+        keep = [sock.fileno() for sock in self.listeners]
+        for record in self.workers.values():
+            keep.append(record.block.fd)
+            if record.channel.fileno() >= 0:
+                keep.append(record.channel.fileno())
         if self.stats_server is not None:
             keep.append(self.stats_server.sock.fileno())
         log.info("upgrade: re-executing master %d in place", os.getpid())
@@ -442,8 +505,11 @@ class Master:
         return {
             "listeners": [[sock.fileno(), sock.family] for sock in self.listeners],
             "workers": [dict({f: getattr(w, f) for f in RECORD_FIELDS},
-                             channel=w.channel.fileno(), pending=bytes(w.reader.pending))
-                        for w in self.workers.values() if w.channel.fileno() >= 0],
+                             channel=w.channel.fileno(), pending=bytes(w.reader.pending),
+                             counters=w.block.fd)
+                        for w in self.workers.values()],
+            "backoff": self.backoff.export(),
+            "oom_kills": self.oom_kills,
             "generation": self.generation,
             "exits": list(self.exits),
             "dead_totals": self.dead_totals,
@@ -464,15 +530,25 @@ class Master:
         for sock in self.listeners:
             os.set_inheritable(sock.fileno(), False)
         for item in state["workers"]:
-            channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=item["channel"])
-            os.set_inheritable(channel.fileno(), False)
-            channel.setblocking(False)
-            record = WorkerRecord(item["pid"], item["slot"], item["generation"], channel)
+            os.set_inheritable(item["counters"], False)
+            block = CounterBlock(item["counters"])
+            if item["channel"] >= 0:
+                channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM,
+                                        fileno=item["channel"])
+                os.set_inheritable(channel.fileno(), False)
+                channel.setblocking(False)
+            else:   # its channel had ended already; the reaper will see the worker go
+                channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                channel.close()
+            record = WorkerRecord(item["pid"], item["slot"], item["generation"], channel, block)
             for name in RECORD_FIELDS[3:]:   # the first three went to the constructor
                 setattr(record, name, item[name])
             record.reader = ipc.MessageReader(item["pending"])
             self.workers[record.pid] = record
-            self.selector.register(channel, selectors.EVENT_READ, record)
+            if channel.fileno() >= 0:
+                self.selector.register(channel, selectors.EVENT_READ, record)
+        self.backoff.restore(state["backoff"])
+        self.oom_kills = state["oom_kills"]
         self.generation = state["generation"]
         self.exits.extend(state["exits"])
         self.dead_totals.update(state["dead_totals"])
@@ -489,10 +565,11 @@ class Master:
 
     def manage_workers(self) -> None:
         """Fill every empty slot of the serving and the starting generation (unless it backs
-        off), and drain workers beyond the count.
+        off), keep each generation's spares booted, and drain workers beyond the count.
 
-        A draining worker no longer holds its slot: its replacement starts at once, so capacity
-        never drops while it finishes its calls.
+        An empty slot takes a booted spare if there is one (it accepts within milliseconds),
+        else a fresh worker. A draining worker no longer holds its slot: its replacement starts
+        at once, so capacity never drops while it finishes its calls.
         """
         now = time.monotonic()
         wanted = [(self.generation, self.config)]
@@ -500,40 +577,157 @@ class Master:
             wanted.append((self.pending.generation, self.pending.config))
         keys = set()
         for generation, config in wanted:
-            serving = [w for w in self.workers.values()
+            serving = [w for w in self._all_workers()
                        if w.generation == generation and w.state != "draining"]
+            spares = [w for w in serving if w.slot == SPARE]
             for record in serving:
                 if record.slot > config.workers:
                     self._retire(record, signal.SIGTERM)
             taken = {w.slot for w in serving}
             for slot in range(1, config.workers + 1):
                 keys.add((generation, slot))
-                if slot not in taken and self.backoff.may_spawn((generation, slot), now):
+                if slot in taken or not self.backoff.may_spawn((generation, slot), now):
+                    continue
+                booted = [w for w in spares if w.state == "spare"]
+                if booted:
+                    self._give_slot(booted[0], slot)
+                    spares.remove(booted[0])
+                else:
                     self.spawn_worker(slot, generation, config)
+            keys.add((generation, SPARE))
+            for record in spares[config.spare_workers:]:
+                self._retire(record, signal.SIGTERM)
+            for _ in range(config.spare_workers - len(spares)):
+                if self.backoff.may_spawn((generation, SPARE), now):
+                    self.spawn_worker(SPARE, generation, config)
+            keys.add((generation, FORK_SERVER))
+            if generation not in self.forkservers and \
+                    self.backoff.may_spawn((generation, FORK_SERVER), now):
+                self._spawn_forkserver(generation, config)
+        for generation, server in self.forkservers.items():
+            if generation not in (g for g, _ in wanted):
+                self._retire_forkserver(server)
         self.backoff.retain(keys)
 
+    def _give_slot(self, spare: WorkerRecord, slot: int) -> None:
+        """A booted spare takes an empty slot: one message, and it accepts."""
+        try:
+            spare.channel.send(ipc.pack("serve", slot=slot))
+        except OSError:
+            return   # it is dying; the reaper will see it, the slot is filled next turn
+        spare.slot, spare.state = slot, "booting"   # until its "ready"
+        log.info("spare worker (pid %d, gen %d) takes slot %d", spare.pid, spare.generation,
+                 slot)
+
     def spawn_worker(self, slot: int, generation: int, config) -> None:
+        """Start a worker for ``slot``: forked by the generation's fork server if it is up (a
+        few milliseconds), else here (it then imports gevent and patches itself first)."""
         master_end, worker_end = socket.socketpair()
-        # Our signals wait, blocked, from before fork() until the new worker has its own
-        # handlers: one that comes while it boots (a reload right after a respawn) must reach
-        # the worker's stop(), not our handler's copy in the child or the default action.
-        blocked = self._signal_numbers()
-        spec = WorkerSpec(slot=slot, generation=generation, config=config,
-                          listeners=self.listeners, channel=worker_end, blocked_signals=blocked)
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        block = CounterBlock()
+        master_end.setblocking(False)
+        server = self.forkservers.get(generation)
+        pid = None
+        if server is None or not server.ready or server.retired or \
+                not self._ask_fork(server, slot, worker_end, block):
+            spec = WorkerSpec(slot=slot, generation=generation, config=config,
+                              listeners=self.listeners, channel=worker_end, counters=block,
+                              blocked_signals=self._signal_numbers())
+            pid = self._fork_child(spec, self.worker_class, master_end)
+        worker_end.close()
+        record = WorkerRecord(pid, slot, generation, master_end, block)
+        if pid is None:
+            self.forking.append(record)
+        else:
+            self.workers[pid] = record
+        self.selector.register(master_end, selectors.EVENT_READ, record)
+
+    def _ask_fork(self, server: ForkServerRecord, slot: int, worker_end: socket.socket,
+                  block: CounterBlock) -> bool:
+        try:
+            socket.send_fds(server.channel, [ipc.pack("fork", slot=slot,
+                                                      worker_class=self.worker_class)],
+                            [worker_end.fileno(), block.fd])
+        except OSError as exc:   # it is dying, or stuck with a full socket
+            log.warning("fork server of generation %d (pid %d) cannot take a request (%s); "
+                        "forking the worker here", server.generation, server.pid, exc)
+            return False
+        return True
+
+    def _fork_child(self, spec: WorkerSpec, class_path: str, keep: socket.socket) -> int:
+        """fork() a worker or a fork server running ``class_path``; returns its pid."""
+        # Our signals wait, blocked, from before fork() until the child has its own handlers:
+        # one that comes while it boots (a reload right after a respawn) must reach the
+        # worker's stop(), not our handler's copy in the child or the default action.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, spec.blocked_signals)
         pid = os.fork()
         if pid == 0:
             try:
-                self._release_in_child(master_end)
-                child_main(spec, self.worker_class)
+                self._release_in_child(keep)
+                child_main(spec, class_path)
             finally:
                 os._exit(EXIT_CRASH)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        worker_end.close()
+        return pid
+
+    def _spawn_forkserver(self, generation: int, config) -> None:
+        master_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spec = WorkerSpec(slot=FORK_SERVER, generation=generation, config=config,
+                          listeners=self.listeners, channel=server_end, counters=None,
+                          blocked_signals=self._signal_numbers())
+        pid = self._fork_child(spec, FORK_SERVER_CLASS, master_end)
+        server_end.close()
         master_end.setblocking(False)
-        record = WorkerRecord(pid, slot, generation, master_end)
-        self.workers[pid] = record
-        self.selector.register(master_end, selectors.EVENT_READ, record)
+        server = self.forkservers[generation] = ForkServerRecord(pid, generation, master_end)
+        self.selector.register(master_end, selectors.EVENT_READ, server)
+
+    def _read_forkserver(self, server: ForkServerRecord) -> None:
+        try:
+            data = server.channel.recv(ipc.MAX_MESSAGE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(server.channel)
+            server.channel.close()
+            return
+        for message in ipc.MessageReader().feed(data):
+            if message.get("t") == "ready":
+                server.ready = True
+            elif message.get("t") == "boot_error":
+                log.error("the fork server of generation %d cannot start; workers are forked "
+                          "by the master meanwhile:\n%s", server.generation,
+                          str(message.get("traceback", "")).rstrip())
+
+    def _retire_forkserver(self, server: ForkServerRecord) -> None:
+        if not server.retired:
+            server.retired = True
+            _kill(server.pid, signal.SIGTERM)
+
+    def _adopt_forked(self) -> None:
+        """Workers forked by a fork server: learn their pids (its helper writes each into the
+        worker's counters before it exits, so before the worker can be reaped here); fork here
+        what a fork server failed to fork in time."""
+        now = time.monotonic()
+        for record in list(self.forking):
+            pid = record.block.values[INDEX["pid"]]
+            if pid:
+                self.forking.remove(record)
+                record.pid = pid
+                self.workers[pid] = record
+                if record.retire_signal is not None:   # retired, or stopped, while forked
+                    _kill(pid, record.retire_signal)
+            elif now - record.started > FORK_DEADLINE:
+                self.forking.remove(record)
+                self._forget_channel(record)
+                record.block.close()
+                server = self.forkservers.get(record.generation)
+                log.error("the fork server of generation %d did not fork worker %d within "
+                          "%.0fs; killing it (workers are forked here until it is back)",
+                          record.generation, record.slot, FORK_DEADLINE)
+                if server is not None:
+                    server.ready = False
+                    _kill(server.pid, signal.SIGKILL)
 
     def _release_in_child(self, master_end: socket.socket) -> None:
         """In a new worker: drop the master's signal plumbing and every other worker's socket."""
@@ -546,8 +740,11 @@ class Master:
                 self.stats_server.drop_in_child()
             os.close(self.pipe_r)
             os.close(self.pipe_w)
-            for record in self.workers.values():
+            for record in [*self.workers.values(), *self.forking]:
                 record.channel.close()
+                record.block.close()
+            for server in self.forkservers.values():
+                server.channel.close()
             master_end.close()
         except BaseException:
             traceback.print_exc()
@@ -568,8 +765,8 @@ class Master:
             try:
                 messages = record.reader.feed(data)
             except ipc.IPCError as exc:
-                log.error("worker %d (pid %d) sent a corrupt message (%s); draining it",
-                          record.slot, record.pid, exc)
+                log.error("%s (pid %s) sent a corrupt message (%s); draining it",
+                          record.name, record.pid, exc)
                 self._forget_channel(record)
                 self._retire(record, signal.SIGTERM)
                 return
@@ -584,17 +781,25 @@ class Master:
     def _on_message(self, record: WorkerRecord, message: dict) -> None:
         kind = message.get("t")
         record.last_heartbeat = time.monotonic()
-        if kind == "hb":
-            record.counters = {key: int(message.get(key, 0))
-                               for key in ipc.HEARTBEAT_COUNTERS + ipc.HEARTBEAT_GAUGES}
-        elif kind == "ready":
+        if kind == "ready":
             record.state, record.ready_at = "ready", time.monotonic()
             self._maybe_notify_ready()
-        elif kind == "draining":
+        elif kind == "spare" and record.state == "booting":
+            record.state = "spare"
+        elif kind in ("draining", "bye"):
+            reason = str(message.get("reason", ""))
+            if record.state != "draining":   # it leaves service: its replacement starts now
+                self._vacated(record, reason == "app_exit", "the app called sys.exit()")
             record.state, record.stopped_accepting = "draining", True
-            record.exit_reason = str(message.get("reason", ""))
-        elif kind in ("boot_error", "crash"):
+            record.exit_reason = reason
+            if kind == "bye":
+                record.farewell = reason
+        elif kind in ("boot_error", "crash", "app_exit"):
             record.traceback = str(message.get("traceback", ""))
+            record.boot_failed = record.boot_failed or kind == "boot_error"
+            record.crash_reported = record.crash_reported or kind == "crash"
+            if kind == "app_exit":
+                record.app_exit_code = int(message.get("code", 0))
 
     def _maybe_notify_ready(self) -> None:
         """READY=1 once the first generation has every worker ready (Type=notify start-up)."""
@@ -615,17 +820,37 @@ class Master:
             if self.upgrade_check is not None and pid == self.upgrade_check[0]:
                 self._on_upgrade_check(status)
                 continue
+            server = next((s for s in self.forkservers.values() if s.pid == pid), None)
+            if server is not None:
+                self._on_forkserver_exit(server, status)
+                continue
+            if pid not in self.workers:
+                self._adopt_forked()
             record = self.workers.pop(pid, None)
             if record is not None:
                 self._on_worker_exit(record, status)
+
+    def _on_forkserver_exit(self, server: ForkServerRecord, status: int) -> None:
+        del self.forkservers[server.generation]
+        if server.channel.fileno() >= 0:
+            self.selector.unregister(server.channel)
+            server.channel.close()
+        if server.retired:
+            return
+        log.error("the fork server of generation %d (pid %d) ended (wait status %d); "
+                  "starting another", server.generation, server.pid, status)
+        self.backoff.vacated((server.generation, FORK_SERVER), app_fault=True,
+                             served=server.ready, now=time.monotonic(), detail="fork server")
 
     def _on_worker_exit(self, record: WorkerRecord, status: int) -> None:
         # A dying worker's last words (its traceback) may still sit in its socket.
         self._read_channel(record)
         self._forget_channel(record)
-        for key in ipc.HEARTBEAT_COUNTERS:
-            self.dead_totals[key] += record.counters.get(key, 0)
-        classification, detail = classify_exit(status, record)
+        counters = record.counters   # exact: the worker wrote them to shared memory
+        record.block.close()
+        for key in FIELDS:
+            self.dead_totals[key] += counters[key]
+        classification, detail = self.classify_exit(status, record)
         now = time.monotonic()
         uptime = now - record.started
         entry = {"time": time.time(), "pid": record.pid, "slot": record.slot,
@@ -635,8 +860,12 @@ class Master:
                  "detail": detail, "uptime": round(uptime, 3), "traceback": record.traceback}
         self.exits.append(entry)
         self.exit_counts[classification] = self.exit_counts.get(classification, 0) + 1
-        message = (f"worker {record.slot} (pid {record.pid}, gen {record.generation}) "
-                   f"{detail} after {uptime:.1f}s")
+        key = (record.generation, record.slot)
+        self.backoff.ended(key, death=classification not in CLEAN_EXITS,
+                           completed=counters["completed"], now=now)
+        message = (f"{record.name} (pid {record.pid}, gen {record.generation}) "
+                   f"{detail} after {uptime:.1f}s, {counters['completed']} call(s) completed"
+                   + (f", {counters['active']} in progress lost" if counters["active"] else ""))
         if record.traceback:
             message += f"; its last traceback:\n{record.traceback.rstrip()}"
         if classification in CLEAN_EXITS:
@@ -649,16 +878,58 @@ class Master:
             self._abandon(f"generation {pending.generation} cannot load the app",
                           record.traceback)
             return
-        live = {self.generation, pending.generation if pending else None}
-        if self.stopping or record.generation not in live or record.state == "draining":
+        if record.state != "draining":
+            self._vacated(record, classification in APP_FAULTS, detail, counters["served"])
+
+    def _vacated(self, record: WorkerRecord, app_fault: bool, detail: str,
+                 served: int | None = None) -> None:
+        """A worker of a live generation leaves service: may its slot be refilled at once?"""
+        pending = self.pending
+        if self.stopping or record.generation not in (
+                self.generation, pending.generation if pending else None):
             return
+        if served is None:
+            served = record.counters["served"]
         key = (record.generation, record.slot)
-        delay = self.backoff.record_exit(key, is_early_death(record, classification, now), now)
-        failures = self.backoff.failures.get(key, 0)
-        if failures > 1:
-            log.error("slot %d is crash-looping: %d early deaths in a row; next attempt in "
-                      "%.1fs (the port stays bound, other workers keep serving)",
-                      record.slot, failures, delay)
+        delay = self.backoff.vacated(key, app_fault=app_fault, served=bool(served),
+                                     now=time.monotonic(), detail=detail)
+        in_a_row = self.backoff.in_loop(key)
+        if app_fault and in_a_row > 1:
+            log.error("%s of generation %d is crash-looping: %d workers in a row ended before "
+                      "completing a call (the last %s); next attempt in %.1fs (the port stays "
+                      "bound, other slots keep serving)",
+                      f"slot {record.slot}" if record.slot != SPARE else "the spare slot",
+                      record.generation, in_a_row, detail, delay)
+
+    def classify_exit(self, status: int, record: WorkerRecord) -> tuple[str, str]:
+        """(classification, human detail) for a reaped worker, from what it said before it
+        went and from its wait status; never from its exit code alone, which the app chooses."""
+        if os.WIFSIGNALED(status):
+            signum = os.WTERMSIG(status)
+            name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
+            if record.aborted_at is not None:
+                return "killed_as_hung", f"was killed as hung ({name})"
+            if signum == signal.SIGKILL:
+                oom_kills, self.oom_kills = self.oom_kills, stats.oom_kills()
+                if self.oom_kills is not None and oom_kills is not None and \
+                        self.oom_kills > oom_kills:
+                    return "oom_killed", ("was killed by SIGKILL while the kernel's OOM killer "
+                                          "ran (oom_kill in /proc/vmstat rose): out of memory")
+            if signum in EXTERNAL_SIGNALS:
+                return "killed", f"was killed by signal {signum} ({name})"
+            return "crashed", f"crashed with signal {signum} ({name})"
+        code = os.WEXITSTATUS(status)
+        if record.farewell == "app_exit" or (record.app_exit_code == code and
+                                             record.farewell is None):
+            return "app_exit", f"exited with code {code}: the app called sys.exit()"
+        if record.farewell in CLEAN_EXITS and code == 0:
+            return record.farewell, f"exited cleanly ({record.farewell})"
+        if record.boot_failed:
+            return "boot_error", f"could not load the app (exit {code})"
+        if record.crash_reported:
+            return "crashed", f"crashed (exit {code}) with the traceback below"
+        return "crashed", (f"exited with code {code} without a word from the worker: the app "
+                           "(os._exit) or a native library ended the process")
 
     def murder_workers(self) -> None:
         """Kill workers whose event loop has stopped sending heartbeats for --timeout seconds.
@@ -673,17 +944,19 @@ class Master:
         for record in list(self.workers.values()):
             silent = now - record.last_heartbeat
             if record.aborted_at is None and silent > timeout:
-                log.error("worker %d (pid %d) sent no heartbeat for %.1fs (timeout %.0fs): its "
+                log.error("%s (pid %d) sent no heartbeat for %.1fs (timeout %.0fs): its "
                           "event loop is blocked; aborting it (its stack follows on stderr)",
-                          record.slot, record.pid, silent, timeout)
+                          record.name, record.pid, silent, timeout)
                 record.aborted_at = now
                 _kill(record.pid, signal.SIGABRT)
             elif record.aborted_at is not None and now - record.aborted_at > ABORT_GRACE:
                 _kill(record.pid, signal.SIGKILL)
 
     def _signal_workers(self, signum: int) -> None:
-        for pid in list(self.workers):
-            _kill(pid, signum)
+        for record in self._all_workers():
+            record.retire_signal = signum
+            if record.pid is not None:
+                _kill(record.pid, signum)
 
     # -- what operators see -----------------------------------------------------------------
 
@@ -735,39 +1008,12 @@ class Master:
             os.unlink(path)
 
 
-# Exit reasons a worker announces before leaving on purpose (its "draining" message).
+# Exit reasons a worker announces before leaving on purpose (its "bye" message).
 CLEAN_EXITS = ("clean", "recycled", "drained", "stopped", "orphaned")
+# Exits that are the app's doing: these decide a crash loop (gateway.backoff).
+APP_FAULTS = ("crashed", "app_exit", "boot_error", "oom_killed", "killed_as_hung")
 # Signals that come from outside (an operator, the OOM killer, us), not from a bug in the worker.
 EXTERNAL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-
-
-def classify_exit(status: int, record: WorkerRecord) -> tuple[str, str]:
-    """(classification, human detail) for a reaped worker's wait status."""
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
-        if record.aborted_at is not None:
-            return "killed_as_hung", f"was killed as hung ({name})"
-        if signum in EXTERNAL_SIGNALS:
-            return "killed", f"was killed by signal {signum} ({name})"
-        return "crashed", f"crashed with signal {signum} ({name})"
-    code = os.WEXITSTATUS(status)
-    if code == 0:
-        reason = record.exit_reason if record.exit_reason in CLEAN_EXITS else "clean"
-        return reason, f"exited cleanly ({reason})"
-    if code == EXIT_BOOT_ERROR:
-        return "boot_error", f"could not load the app (exit {code})"
-    return "crashed", f"crashed (exit {code})"
-
-
-def is_early_death(record: WorkerRecord, classification: str, now: float) -> bool:
-    """Did this worker die of itself before, or soon after, becoming ready (a crash loop)?
-
-    A kill from outside (an operator, the OOM killer) is never the app's fault.
-    """
-    if classification in CLEAN_EXITS or classification == "killed":
-        return False
-    return record.ready_at is None or now - record.ready_at < CRASH_WINDOW
 
 
 def _active_calls(records) -> int:

@@ -799,13 +799,22 @@ def fs_url_encode(value: str) -> str:
     return _FS_ESCAPED.sub(_percent, data).decode("ascii")
 
 
+def serialize_headers_plain(headers: Iterable[tuple[str, str]]) -> bytes:
+    """Header lines as switch_event_serialize writes them: values url-encoded, empty ones
+    ``_undef_``."""
+    return "".join(f"{name}: {fs_url_encode(value) if value != '' else '_undef_'}\n"
+                   for name, value in headers).encode("utf-8")
+
+
+def _end_plain(lines: bytes, body: bytes) -> bytes:
+    if body:
+        return lines + b"Content-Length: %d\n\n" % len(body) + body
+    return lines + b"\n"
+
+
 def serialize_event_plain(headers: Iterable[tuple[str, str]], body: bytes = b"") -> bytes:
     """An event serialised as switch_event_serialize writes it (the body of a text/event-plain)."""
-    lines = "".join(f"{name}: {fs_url_encode(value) if value != '' else '_undef_'}\n"
-                    for name, value in headers)
-    if body:
-        return f"{lines}Content-Length: {len(body)}\n\n".encode("utf-8") + body
-    return (lines + "\n").encode("utf-8")
+    return _end_plain(serialize_headers_plain(headers), body)
 
 
 def serialize_event_json(headers: Iterable[tuple[str, str]], body: bytes = b"") -> bytes:
@@ -838,6 +847,13 @@ def event_frame(headers: Iterable[tuple[str, str]], body: bytes = b"", fmt: str 
     payload = _SERIALIZERS[_event_format(fmt)](headers, body)
     return _block([("Content-Length", len(payload)), ("Content-Type", f"text/event-{fmt}")]
                   ) + payload
+
+
+def event_frame_plain(lines: bytes, body: bytes = b"") -> bytes:
+    """A text/event-plain frame from header lines already serialised (serialize_headers_plain),
+    for a simulator that sends the same channel headers in every event."""
+    payload = _end_plain(lines, body)
+    return b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % len(payload) + payload
 
 
 def reply_frame(text: str, extra: Iterable[tuple[str, str]] = ()) -> bytes:

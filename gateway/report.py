@@ -12,7 +12,7 @@ import urllib.request
 
 COLUMNS = (("SLOT", "slot"), ("PID", "pid"), ("GEN", "generation"), ("STATE", "state"),
            ("UP", "uptime_s"), ("CALLS", "calls_active"), ("TOTAL", "calls_total"),
-           ("FAILED", "calls_failed"), ("EXC", "handler_exceptions"),
+           ("DONE", "calls_completed"), ("FAILED", "calls_failed"), ("EXC", "handler_exceptions"),
            ("PERR", "protocol_errors"), ("EVENTS", "events"), ("CMDS", "commands"),
            ("HB", "heartbeat_age_s"), ("BLOCK", "longest_block_ms"), ("RSS", "rss_bytes"))
 
@@ -39,6 +39,8 @@ def megabytes(value) -> str:
 
 
 def _cell(key: str, value) -> str:
+    if key == "slot" and value == 0:
+        return "spare"
     if key == "uptime_s":
         return duration(value)
     if key == "heartbeat_age_s":
@@ -70,6 +72,23 @@ def render(view: dict, rate: float | None = None) -> str:
                  f"{totals['failed']} failed, {totals['handler_exceptions']} handler exceptions, "
                  f"{totals['protocol_errors']} protocol errors"
                  + ("" if rate is None else f"  |  {rate:.1f} calls/s"))
+    per_death = totals["calls_per_death"]
+    lines.append(f"worker deaths: {totals['worker_deaths']} total, "
+                 f"{totals['worker_deaths_per_minute']} in the last minute, "
+                 f"{'-' if per_death is None else per_death} calls completed per death; "
+                 f"{totals['calls_lost']} calls lost with their workers")
+    for slot in view["slots"]:
+        if slot["crash_loop"] or slot["deaths_per_minute"]:
+            line = (f"  slot {slot['slot']} gen {slot['generation']}: {slot['state']}, "
+                    f"{slot['deaths_per_minute']} deaths in the last minute, "
+                    f"{'-' if slot['calls_per_death'] is None else slot['calls_per_death']} "
+                    "calls per death")
+            if slot["crash_loop"]:
+                line += (f"; CRASH LOOP: {slot['unserved_in_a_row']} workers in a row ended "
+                         f"before serving ({slot['crash_loop']})")
+            if slot["next_attempt_in_s"] is not None:
+                line += f"; next attempt in {slot['next_attempt_in_s']:.1f}s"
+            lines.append(line)
     if master["last_deploy_error"]:
         error = master["last_deploy_error"]
         when = time.strftime("%H:%M:%S", time.localtime(error["time"]))

@@ -206,7 +206,7 @@ class Session:
                  "hangup_cause", "close_reason", "_sock", "_parser", "_write_lock", "_pending",
                  "_executes", "_jobs", "_events", "_event_ready", "_closed", "_connected_at",
                  "_event_format", "_background_jobs_subscribed", "_watcher", "_drain_timer",
-                 "__weakref__")
+                 "_hangup_flag", "__weakref__")
 
     def __init__(self, sock, settings: SessionSettings | None = None,
                  counters: Counters | None = None):
@@ -234,6 +234,7 @@ class Session:
         self._background_jobs_subscribed = False
         self._watcher = None       # the socket's read watcher, from start() until released
         self._drain_timer = None   # bounds the wait for FreeSWITCH's close after ours
+        self._hangup_flag = None   # made by the first wait_hungup(): most calls never need one
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -274,6 +275,16 @@ class Session:
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until FreeSWITCH (or anyone) closes the connection; False on timeout."""
         return self._closed.wait(timeout)
+
+    def wait_hungup(self, timeout: float | None = None) -> bool:
+        """Wait until the channel has hung up (CHANNEL_HANGUP, the linger notice) or the
+        connection is gone; False on timeout. Needs no event subscription on ``full`` sockets,
+        where the worker's linger makes FreeSWITCH announce the hangup."""
+        if self.hungup or self._closed.is_set():
+            return True
+        if self._hangup_flag is None:
+            self._hangup_flag = Flag()
+        return self._hangup_flag.wait(timeout)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -663,6 +674,8 @@ class Session:
         self.hungup = True
         waiters, self._executes = self._executes, {}
         self._fail(CallHungUp, reason, waiters.values())
+        if self._hangup_flag is not None:
+            self._hangup_flag.set()
 
     def _shutdown(self, reason: str) -> None:
         """The one teardown path: fail every waiter, end the event stream, close the socket."""
@@ -676,6 +689,8 @@ class Session:
         self._fail(SessionClosed, reason, [*pending, *executes.values(), *jobs.values()])
         self._events.append(_CLOSED)
         self._event_ready.set()
+        if self._hangup_flag is not None:
+            self._hangup_flag.set()
         if self._watcher is None:   # nothing reads (never started, or released): close now
             self._sock.close()
             return

@@ -70,6 +70,7 @@ class CallResult:
     variables: dict[str, str] = field(default_factory=dict)   # set by the `set` app
     commands: list[str] = field(default_factory=list)
     ended_at: float = 0.0
+    hangup_cause: str | None = None      # the cause the channel hung up with, if it did
 
     @property
     def served_by(self) -> int | None:
@@ -107,6 +108,7 @@ class SimulatedCall:
         self.held: list[bytes] | None = None   # static mode: events raised by the running app
         self.hangup_announced = False
         self._pending: list[Command] = []
+        self._channel_block: tuple[bool | None, bytes] = (None, b"")   # (answered, bytes)
 
     # -- the whole call ---------------------------------------------------------------------
 
@@ -198,10 +200,13 @@ class SimulatedCall:
         """
         pending = self._pending
         while not pending or self.finished.is_set():
-            data = None
-            with gevent.Timeout(self.options.close_grace if self.finished.is_set() else timeout,
-                                False):
+            wait = self.options.close_grace if self.finished.is_set() else timeout
+            if wait is None:   # most reads: no Timeout object to make and cancel
                 data = self.sock.recv(65536)
+            else:
+                data = None
+                with gevent.Timeout(wait, False):
+                    data = self.sock.recv(65536)
             if data is None:
                 if self.finished.is_set():
                     self._end("timeout", "the gateway kept the socket open "
@@ -375,7 +380,7 @@ class SimulatedCall:
         """The channel goes down: the hangup events, the linger, the disconnect notice."""
         if self.hungup.is_set():
             return
-        self.hangup_cause = cause
+        self.hangup_cause = self.result.hangup_cause = cause
         self.hungup.set()
         if self.finished.is_set():
             return
@@ -434,9 +439,17 @@ class SimulatedCall:
                                              (channel and "myevents" in self.subscribed)):
             return
         headers = [("Event-Name", name), ("Core-UUID", CORE_UUID),
-                   ("Event-Date-Timestamp", str(int(time.time() * 1e6))),
-                   *self._channel_headers(), *extra]
-        frame = protocol.event_frame(headers, body, self.event_format)
+                   ("Event-Date-Timestamp", str(int(time.time() * 1e6)))]
+        if self.event_format == "plain":   # the channel's own headers serialised once a state
+            if self._channel_block[0] != self.answered:
+                self._channel_block = (self.answered, protocol.serialize_headers_plain(
+                    self._channel_headers()))
+            frame = protocol.event_frame_plain(
+                protocol.serialize_headers_plain(headers) + self._channel_block[1]
+                + protocol.serialize_headers_plain(extra), body)
+        else:
+            frame = protocol.event_frame([*headers, *self._channel_headers(), *extra], body,
+                                         self.event_format)
         if self.held is not None:
             self.held.append(frame)
         else:

@@ -1,9 +1,10 @@
 """The master's view of the world: what ``/stats``, ``/metrics`` and ``/healthz`` serve.
 
-Everything here is read from memory the master already keeps (worker heartbeats, exits, deploy
-counters) plus a few cheap kernel reads: TCP_INFO on each listening socket (the accept queue, as
-``ss -lnt`` shows it), ``/proc/net/netstat`` (ListenOverflows/ListenDrops) and each worker's RSS.
-Totals add the last counters of every dead worker, so they only ever grow.
+Everything here is read from memory the master already keeps (the workers' shared counters,
+exits, slot histories, deploy counters) plus a few cheap kernel reads: TCP_INFO on each listening
+socket (the accept queue, as ``ss -lnt`` shows it), ``/proc/net/netstat``
+(ListenOverflows/ListenDrops) and each worker's RSS. Totals add the final counters of every dead
+worker, so they only ever grow.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gateway import __version__, listeners
+from gateway.backoff import per_death
 
 # struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked, sacked. On a
 # listening socket unacked is the accept queue's length and sacked its limit.
@@ -25,6 +27,8 @@ TRACEBACK_LINES = 12
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # (heartbeat counter, metric name, help)
 COUNTERS = (("calls", "calls", "calls accepted"),
+            ("completed", "calls_completed",
+             "calls completed (the handler returned, or the caller hung up under it)"),
             ("failed", "calls_failed", "calls that failed (setup or handler)"),
             ("handler_exceptions", "handler_exceptions", "exceptions raised by the handler"),
             ("protocol_errors", "protocol_errors",
@@ -55,6 +59,18 @@ def listen_counters() -> dict[str, int]:
     return {}
 
 
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed since boot (None if unknown)."""
+    try:
+        with open("/proc/vmstat") as handle:
+            for line in handle:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/statm") as handle:
@@ -72,25 +88,31 @@ def snapshot(master) -> dict:
         queued, limit = accept_queue(sock)
         socks.append({"address": listeners.describe(sock), "queue": queued,
                       "queue_limit": limit})
-    workers = []
+    workers, live = [], {}
     for record in sorted(master.workers.values(), key=lambda w: (w.generation, w.slot)):
-        counters = record.counters
+        counters = live[record.pid] = record.counters
         workers.append({
             "slot": record.slot, "pid": record.pid, "generation": record.generation,
             "state": record.state, "uptime_s": round(now - record.started, 3),
-            "calls_active": counters.get("active", 0),
-            "calls_total": counters.get("calls", 0), "calls_failed": counters.get("failed", 0),
-            "handler_exceptions": counters.get("handler_exceptions", 0),
-            "protocol_errors": counters.get("protocol_errors", 0),
-            "events": counters.get("events", 0), "commands": counters.get("commands", 0),
-            "accept_errors": counters.get("accept_errors", 0),
+            "calls_active": counters["active"], "calls_total": counters["calls"],
+            "calls_completed": counters["completed"], "calls_failed": counters["failed"],
+            "served": bool(counters["served"]),
+            "handler_exceptions": counters["handler_exceptions"],
+            "protocol_errors": counters["protocol_errors"],
+            "events": counters["events"], "commands": counters["commands"],
+            "accept_errors": counters["accept_errors"],
             "heartbeat_age_s": round(now - record.last_heartbeat, 3),
-            "longest_block_ms": counters.get("longest_block_ms", 0),
+            "longest_block_ms": counters["longest_block_ms"],
             "rss_bytes": rss_bytes(record.pid)})
-    totals = {key: master.dead_totals.get(key, 0) + sum(w.counters.get(key, 0)
-                                                        for w in master.workers.values())
+    totals = {key: master.dead_totals[key] + sum(c[key] for c in live.values())
               for key, _, _ in COUNTERS}
     totals["calls_active"] = sum(w["calls_active"] for w in workers)
+    # Calls in progress on a worker when it died: the only calls a worker's death costs.
+    totals["calls_lost"] = master.dead_totals["active"]
+    backoff = master.backoff
+    totals["worker_deaths"] = backoff.deaths_total
+    totals["worker_deaths_per_minute"] = backoff.deaths_per_minute(now)
+    totals["calls_per_death"] = per_death(totals["completed"], backoff.deaths_total)
     config = master.config
     view = {
         "master": {
@@ -101,6 +123,7 @@ def snapshot(master) -> dict:
             "upgrades": master.upgrades, "upgrade_failures": master.upgrade_failures,
             "last_deploy_error": master.last_deploy_error,
             "config": {"app": config.app, "workers": config.workers,
+                       "spare_workers": config.spare_workers,
                        "worker_connections": config.worker_connections,
                        "timeout": config.timeout, "graceful_timeout": config.graceful_timeout,
                        "max_calls": config.max_calls, "linger": config.linger}},
@@ -110,12 +133,42 @@ def snapshot(master) -> dict:
         "listen_drops": overflows.get("ListenDrops", 0)
         - master.listen_baseline.get("ListenDrops", 0),
         "workers": workers,
+        "slots": slots(master, live, now),
         "totals": totals,
         "worker_exits": dict(master.exit_counts),
         "exits": [dict(exit, traceback=_last_lines(exit.get("traceback")))
                   for exit in reversed(master.exits)],
     }
     view["health"] = health(view, config.health_queue_limit)
+    return view
+
+
+def slots(master, live: dict, now: float) -> list[dict]:
+    """Each worker slot of the serving and the starting generation: who serves it, its crash
+    rate, and if it is in a crash loop, why and when it is tried again."""
+    generations = [master.generation] + ([master.pending.generation] if master.pending else [])
+    configs = [master.config] + ([master.pending.config] if master.pending else [])
+    view = []
+    for generation, config in zip(generations, configs):
+        for slot in range(1, config.workers + 1):
+            key = (generation, slot)
+            worker = next((w for w in master.workers.values() if (w.generation, w.slot) == key
+                           and w.state != "draining"), None)
+            history = master.backoff.slots.get(key)
+            completed = (history.completed_by_dead if history else 0) + (
+                live[worker.pid]["completed"] if worker else 0)
+            deaths = history.deaths_total if history else 0
+            wait = history.not_before - now if history and history.not_before > now else None
+            state = worker.state if worker else "backoff" if wait is not None else "vacant"
+            view.append({
+                "generation": generation, "slot": slot, "pid": worker.pid if worker else None,
+                "state": state, "deaths_total": deaths,
+                "deaths_per_minute": master.backoff.deaths_per_minute(now, key) if history
+                else 0,
+                "calls_completed": completed, "calls_per_death": per_death(completed, deaths),
+                "unserved_in_a_row": history.unserved_in_a_row if history else 0,
+                "next_attempt_in_s": None if wait is None else round(wait, 3),
+                "crash_loop": history.loop_reason if history else None})
     return view
 
 
@@ -176,8 +229,44 @@ class _SnapshotCollector:
         for key, name, what in COUNTERS:
             yield CounterMetricFamily(f"esl_gateway_{name}", f"{what}, all workers ever",
                                       value=view["totals"][key])
+        totals = view["totals"]
         yield GaugeMetricFamily("esl_gateway_calls_active", "calls in progress",
-                                value=view["totals"]["calls_active"])
+                                value=totals["calls_active"])
+        yield CounterMetricFamily("esl_gateway_calls_lost",
+                                  "calls in progress on a worker when it died",
+                                  value=totals["calls_lost"])
+        yield CounterMetricFamily("esl_gateway_worker_deaths",
+                                  "worker exits that were not planned (crashes, the app's own "
+                                  "exits, kills, hangs, boot errors)",
+                                  value=totals["worker_deaths"])
+        yield GaugeMetricFamily("esl_gateway_worker_deaths_per_minute",
+                                "worker deaths in the last 60 s",
+                                value=totals["worker_deaths_per_minute"])
+        if totals["calls_per_death"] is not None:
+            yield GaugeMetricFamily("esl_gateway_calls_per_death",
+                                    "calls completed per worker death, since the master started",
+                                    value=totals["calls_per_death"])
+        slot_labels = ["generation", "slot"]
+        per_slot = {
+            "deaths_per_minute": GaugeMetricFamily(
+                "esl_gateway_slot_deaths_per_minute", "deaths of this slot's workers in the "
+                "last 60 s", labels=slot_labels),
+            "calls_per_death": GaugeMetricFamily(
+                "esl_gateway_slot_calls_per_death", "calls this slot's workers completed per "
+                "death", labels=slot_labels),
+            "unserved_in_a_row": GaugeMetricFamily(
+                "esl_gateway_slot_unserved_deaths", "workers in a row that died before serving "
+                "a call (2 or more: a crash loop)", labels=slot_labels),
+            "next_attempt_in_s": GaugeMetricFamily(
+                "esl_gateway_slot_backoff_seconds", "seconds until a crash-looping slot is "
+                "tried again", labels=slot_labels),
+        }
+        for slot in view["slots"]:
+            values = [str(slot["generation"]), str(slot["slot"])]
+            for key, family in per_slot.items():
+                if slot[key] is not None:
+                    family.add_metric(values, slot[key])
+        yield from per_slot.values()
         exits = CounterMetricFamily("esl_gateway_worker_exits", "worker exits by cause",
                                     labels=["classification"])
         for classification, count in sorted(view["worker_exits"].items()):

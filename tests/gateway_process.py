@@ -106,9 +106,19 @@ class GatewayProcess:
                                      f"{timeout}s; log:\n{self.log()[-4000:]}")
             gevent.sleep(0.02)
 
-    def worker_pids(self) -> list[int]:
+    def worker_pids(self, role: str = r"worker \d+") -> list[int]:
+        """The master's children whose process title matches ``role`` (default: workers in a
+        slot; ``worker spare`` for spares, ``fork server`` for fork servers)."""
         path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        return [int(pid) for pid in path.read_text().split()]
+        pids = []
+        for pid in path.read_text().split():
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue   # it just exited
+            if re.match(rf"esl-gateway: {role}\b", title):
+                pids.append(int(pid))
+        return pids
 
     def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         """GET from the stats endpoint (cooperatively, so simulated calls keep running)."""

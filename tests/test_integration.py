@@ -87,12 +87,19 @@ def test_hangup_race_1000_calls(start_gateway):
     assert "Traceback" not in gateway.log()
 
 
-def test_handler_exception_ends_only_that_call(start_gateway):
-    """An exception in a handler is logged with its traceback; the worker serves on."""
-    gateway = start_gateway(app="reporting_ivr:handle_raising", workers=1)
+@pytest.mark.parametrize("args, outcome, cause", [
+    ((), "completed", "TEMPORARY_FAILURE"),                       # the default
+    (("--on-handler-error", "hangup:USER_BUSY"), "completed", "USER_BUSY"),
+    (("--on-handler-error", "dialplan"), "early_close", None),    # the dialplan goes on
+])
+def test_handler_exception_ends_only_that_call(start_gateway, args, outcome, cause):
+    """An exception in a handler is logged with its traceback, and its call ends as
+    --on-handler-error says (hung up with a cause, or handed back to the dialplan); the worker
+    serves on."""
+    gateway = start_gateway(app="reporting_ivr:handle_raising", workers=1, args=args)
     pids = gateway.worker_pids()
     result = run_load(gateway.address, calls=20, rate=50)
-    assert result.counts()["early_close"] == 20    # the handler gave the call back to the dialplan
+    assert [(r.outcome, r.hangup_cause) for r in result.results] == [(outcome, cause)] * 20
     gateway.wait_for_log(r"RuntimeError: deliberate failure in call", count=20)
     assert gateway.worker_pids() == pids
 

@@ -1,6 +1,7 @@
 """The stats endpoint and operator tools, against a real master under real load."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -67,7 +68,8 @@ def test_stats_track_exits_generations_and_totals_under_load(start_gateway):
         for key in TOTALS:
             assert after["totals"][key] >= before["totals"][key], key
     assert views[-1]["master"]["reloads"] == 1 and views[-1]["master"]["generation"] == 2
-    assert views[-1]["worker_exits"]["killed"] == 1 and views[-1]["worker_exits"]["drained"] == 2
+    # Generation 1's two workers and its spare drained away.
+    assert views[-1]["worker_exits"]["killed"] == 1 and views[-1]["worker_exits"]["drained"] == 3
     # Counters only grow, so each /metrics value lies between the /stats taken around it.
     before, samples, after = gateway.stats(), metrics(gateway), gateway.stats()
     for key, name in TOTALS.items():
@@ -156,7 +158,7 @@ def test_stats_and_top_commands(start_gateway):
     shown = subprocess.run([*gateway_command(), "stats", "--stats", address],
                            capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0, shown.stderr
-    assert f"master {gateway.pid}" in shown.stdout and "SLOT  PID" in shown.stdout
+    assert f"master {gateway.pid}" in shown.stdout and re.search(r"SLOT +PID", shown.stdout)
     assert all(str(pid) in shown.stdout for pid in gateway.worker_pids())
     live = subprocess.run([*gateway_command(), "top", "--stats", address, "-n", "2", "-i", "0.3"],
                           capture_output=True, text=True, timeout=30)

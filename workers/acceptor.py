@@ -32,9 +32,8 @@ ERROR_LOG_INTERVAL = 10.0   # at most one accept-error log line per interval
 class Acceptor:
     """Hands each accepted connection to ``on_connection``; paused while the worker is full."""
 
-    def __init__(self, listeners, on_connection: Callable[[_socket.socket], None], slot: int):
+    def __init__(self, listeners, on_connection: Callable[[_socket.socket], None]):
         self._on_connection = on_connection
-        self._slot = slot
         loop = get_hub().loop
         self._watchers = []
         for sock in listeners:
@@ -100,9 +99,9 @@ class Acceptor:
         if now - self._errors_logged_at < ERROR_LOG_INTERVAL:
             self._errors_unlogged += 1
         else:
-            log.warning("worker %d: accept failed: %s (%d more since the last report); backing "
-                        "off %.2fs, the listening socket stays open and calls wait in its queue",
-                        self._slot, exc, self._errors_unlogged, self._backoff)
+            log.warning("accept failed: %s (%d more since the last report); backing off %.2fs, "
+                        "the listening socket stays open and calls wait in its queue",
+                        exc, self._errors_unlogged, self._backoff)
             self._errors_logged_at, self._errors_unlogged = now, 0
         if self._backoff_timer is not None:   # a second listener failed in the same turn
             self._backoff_timer.close()

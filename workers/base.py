@@ -3,6 +3,10 @@
 A worker is a forked child of the master. Whatever happens inside it, it leaves through
 ``child_main``'s ``os._exit`` so it can never fall back into the master's code, and any traceback
 reaches stderr (journald under systemd) before it goes.
+
+Exit codes are for people reading logs only: an app may exit with any code (``os._exit(3)``
+included), so the master classifies an exit by what the worker *said* before it (gateway.ipc:
+``bye``, ``boot_error``, ``app_exit``, ``crash``) and by the wait status, never by the code alone.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from dataclasses import dataclass
 
 from setproctitle import setproctitle
 
+from gateway.scoreboard import CounterBlock
+
 EXIT_OK = 0
 EXIT_CRASH = 1
-EXIT_BOOT_ERROR = 3    # the app could not be imported: respawning at once would only repeat it
+EXIT_BOOT_ERROR = 3    # the app could not be imported (also `esl-gateway run`'s own status then)
 
 
 @dataclass
@@ -30,12 +36,20 @@ class WorkerSpec:
     config: object
     listeners: list[socket.socket]
     channel: socket.socket   # this worker's end of its socketpair with the master
+    counters: CounterBlock   # this worker's page of shared counters
     # Blocked since before fork(); the worker unblocks them once its own handlers are in place.
     blocked_signals: set[int]
 
 
 def set_title(text: str) -> None:
     setproctitle(f"esl-gateway: {text}")
+
+
+def exit_status(exc: SystemExit) -> int:
+    """The process exit status ``sys.exit(code)`` means, as the interpreter would make it."""
+    if exc.code is None:
+        return EXIT_OK
+    return exc.code if isinstance(exc.code, int) else EXIT_CRASH
 
 
 def child_main(spec: WorkerSpec, worker_class_path: str) -> None:
@@ -49,7 +63,7 @@ def child_main(spec: WorkerSpec, worker_class_path: str) -> None:
         worker_class = getattr(importlib.import_module(module_name), class_name)
         code = worker_class(spec).run()
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else EXIT_CRASH
+        code = exit_status(exc)
     except BaseException:
         traceback.print_exc()
     finally:

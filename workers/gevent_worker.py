@@ -2,8 +2,10 @@
 
 Accepting (workers.acceptor) is one connection per wakeup, and only while the worker has room: a
 busy or full worker leaves calls in the kernel queue for its siblings instead of hoarding them.
-Everything the master needs to know travels on the worker's socketpair as
-msgpack (gateway.ipc), batched once a second; nothing on the call path talks to the master.
+Counters go to the worker's page of shared memory (gateway.scoreboard), exact even if the worker
+dies without a word; what the worker *says* (ready, draining, how and why it ends, its
+tracebacks) travels on its socketpair as msgpack (gateway.ipc). Nothing on the call path waits
+for the master.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from gevent.lock import Semaphore
 
 from gateway import ipc
 from gateway.app import load_app
-from gateway.session import Counters, SessionClosed, Session, SessionSettings
+from gateway.scoreboard import INDEX
+from gateway.session import Counters, ESLError, SessionClosed, Session, SessionSettings
 from workers.acceptor import Acceptor
-from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, set_title
+from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, exit_status, set_title
 from workers.loop_watchdog import LoopWatchdog
 
 log = logging.getLogger("esl_gateway.worker")
@@ -33,16 +36,20 @@ log = logging.getLogger("esl_gateway.worker")
 HEARTBEAT_INTERVAL = 1.0   # at most; a short --timeout needs several heartbeats within it
 QUICK_STOP_SECONDS = 2.0
 MAX_BLOCKING_REPORT = 1.0   # the watchdog writes the stack of a loop blocked this long
+HANGUP_WAIT = 5.0   # after hanging up a call the handler failed, wait this long for the hangup
+CALLS, COMPLETED, FAILED, ACTIVE, SERVED = (INDEX[name] for name in
+                                            ("calls", "completed", "failed", "active", "served"))
 
 
 class GeventWorker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.config = spec.config
-        self.counters = Counters()
+        self.scores = spec.counters.values   # shared with the master: see gateway.scoreboard
+        self.counters = Counters()   # the sessions' own; copied to scores as each call ends
         self.calls_total = 0
-        self.handler_exceptions = 0
-        self.calls_failed = 0
+        self._held: set = set()   # calls up at the last heartbeat, until the worker has served
+        self._exit_code = EXIT_OK
         self.watchdog = LoopWatchdog(MAX_BLOCKING_REPORT)
         self.started = time.time()
         self.sessions: set[Session] = set()
@@ -53,7 +60,7 @@ class GeventWorker:
         self._stop_detail = ""
         self._send_lock = Semaphore()
         self._warned_not_full = False
-        self._state = "booting"    # booting, ready, draining: for the process title
+        self._state = "booting"    # booting, spare, ready, draining
         self._shown_title = ""
 
     # -- life cycle -------------------------------------------------------------------------
@@ -63,10 +70,7 @@ class GeventWorker:
         # it after MAX_BLOCKING_REPORT, and at --timeout the master sends SIGABRT, on which
         # faulthandler writes every thread's stack. Both go to stderr (journald).
         faulthandler.enable()
-        # Every call is a greenlet: recording who spawned it, and that greenlet's stack, is work
-        # and memory per call that nothing here reads.
-        gevent.config.track_greenlet_tree = False
-        monkey.patch_all()
+        prepare()
         from gevent import socket as gsocket   # after patching: the cooperative socket type
         self.channel = gsocket.socket(fileno=self.spec.channel.detach())
         self._title()
@@ -75,7 +79,8 @@ class GeventWorker:
             self.app = load_app(self.config.app)
         except BaseException:
             text = traceback.format_exc()
-            log.error("worker %d cannot load app %s:\n%s", self.spec.slot, self.config.app, text)
+            log.error("worker %s cannot load app %s:\n%s", self.spec.slot or "spare",
+                      self.config.app, text)
             self._send("boot_error", traceback=text)
             return EXIT_BOOT_ERROR
         self.settings = SessionSettings(
@@ -86,22 +91,36 @@ class GeventWorker:
         self.watchdog.start()   # after the app's import, which may legitimately take long
         self.max_calls = (self.config.max_calls + random.randint(0, self.config.max_calls_jitter)
                           if self.config.max_calls else 0)
-        self.acceptor = Acceptor(self.spec.listeners, self._on_connection, self.spec.slot)
-        self.acceptor.start()
+        self.acceptor = Acceptor(self.spec.listeners, self._on_connection)
         gevent.spawn(self._heartbeat_loop)
         gevent.spawn(self._watch_master)
-        self._send("ready")
-        self._state = "ready"
-        self._title()
-        log.info("worker %d (pid %d) ready, generation %d", self.spec.slot, os.getpid(),
-                 self.spec.generation)
+        if self.spec.slot:
+            self._serve(self.spec.slot)
+        else:   # a spare: booted, waiting for the master to give it a dead worker's slot
+            self._send("spare")
+            self._state = "spare"
+            self._title()
         try:
             self._stop.wait()
             return self._drain()
+        except SystemExit as exc:   # sys.exit() in a greenlet of the app's own, not a handler
+            code = exit_status(exc)
+            self._send("app_exit", code=code, traceback=traceback.format_exc())
+            return code
         except BaseException:
             text = traceback.format_exc()
             self._send("crash", traceback=text)
             raise
+
+    def _serve(self, slot: int) -> None:
+        """Start accepting calls as worker ``slot``."""
+        self.spec.slot = slot
+        self.acceptor.start()
+        self._send("ready")
+        self._state = "ready"
+        self._title()
+        log.info("worker %d (pid %d) ready, generation %d", slot, os.getpid(),
+                 self.spec.generation)
 
     def _install_signals(self) -> None:
         # The master's own signals mean nothing here; a stray one must not kill calls.
@@ -118,15 +137,15 @@ class GeventWorker:
     def stop(self, reason: str, detail: str, graceful: bool) -> None:
         """Stop accepting; graceful keeps calls until they end, quick closes them now.
 
-        ``reason`` is the exit's classification for the master: drained, stopped, recycled or
-        orphaned.
+        ``reason`` is the exit's classification for the master: drained, stopped, recycled,
+        orphaned or app_exit.
         """
-        if self._state == "booting":
+        if self._state in ("booting", "spare"):
             # No call accepted yet, and the app may take long to load (or never finish): an
             # abandoned reload must not leave workers stuck in boot behind it.
             log.info("worker %d (pid %d) %s while booting; exiting", self.spec.slot,
                      os.getpid(), detail)
-            self._send("draining", reason=reason)
+            self._send("bye", reason=reason)
             os._exit(EXIT_OK)
         if self._stop.is_set():
             if not graceful and self._graceful:   # a quick stop overrides a graceful one
@@ -150,8 +169,10 @@ class GeventWorker:
         if len(gevent.joinall(calls, timeout=timeout)) < len(calls):
             self._close_calls("the graceful timeout" if self._graceful else self._stop_detail)
         gevent.joinall(calls)
-        self._send_heartbeat()
-        return EXIT_OK
+        self._update_scores()
+        # The last word: without it the master counts this exit as a crash, whatever its code.
+        self._send("bye", reason=self._stop_reason)
+        return self._exit_code
 
     def _close_calls(self, why: str) -> None:
         """End every call now, one log line each: nothing is cut silently."""
@@ -168,9 +189,12 @@ class GeventWorker:
         """From the acceptor (a loop callback): start the call's greenlet, and stop accepting
         while the worker is full."""
         self.calls_total += 1
+        scores = self.scores
+        scores[CALLS] += 1
         call = gevent.spawn(self._serve_call, conn)
         call.rawlink(self._call_ended)   # also when killed before it ever ran
         self.calls.add(call)
+        scores[ACTIVE] = len(self.calls)
         if len(self.calls) >= self.config.worker_connections:
             self.acceptor.set_full(True)
         if self.max_calls and self.calls_total >= self.max_calls:
@@ -178,12 +202,14 @@ class GeventWorker:
 
     def _call_ended(self, call) -> None:
         self.calls.discard(call)
+        self.scores[ACTIVE] = len(self.calls)
         if len(self.calls) < self.config.worker_connections:
             self.acceptor.set_full(False)
 
     def _serve_call(self, conn) -> None:
         session = Session(conn, self.settings, self.counters)
         self.sessions.add(session)
+        completed = False
         try:
             try:
                 session.start()
@@ -192,24 +218,72 @@ class GeventWorker:
                 else:
                     self._warn_not_full(session)
             except SessionClosed as exc:
-                self.calls_failed += 1
                 log.info("call ended before its handler started: %s", exc)
                 return
             try:
                 self.app(session)
+                completed = True
             except SessionClosed as exc:
+                completed = True   # the caller hung up, or FreeSWITCH ended the socket
                 log.info("[%s] call ended under the handler: %s", session.uuid, exc)
+            except SystemExit as exc:
+                self._app_exit(session, exc)
             except Exception:
-                self.handler_exceptions += 1
-                self.calls_failed += 1
-                log.exception("[%s] handler %s raised; ending this call", session.uuid,
-                              self.config.app)
+                self.scores[INDEX["handler_exceptions"]] += 1
+                log.exception("[%s] handler %s raised; %s (--on-handler-error)", session.uuid,
+                              self.config.app, _describe(self.config.on_handler_error))
+                self._give_up(session)
         except Exception:
-            self.calls_failed += 1
             log.exception("[%s] call setup failed; ending this call", session.uuid)
         finally:
             self.sessions.discard(session)
             session.close("the handler returned")
+            self.scores[COMPLETED if completed else FAILED] += 1
+            if completed:
+                self._served()
+            self._update_scores()
+
+    def _give_up(self, session: Session) -> None:
+        """End a call whose handler failed the way --on-handler-error says: hang it up and wait
+        (bounded) until FreeSWITCH confirms, or leave it to the dialplan by just closing."""
+        action = self.config.on_handler_error
+        if action.kind != "hangup" or session.hungup or session.closed:
+            return
+        try:
+            session.hangup(action.cause)
+            session.wait_hungup(HANGUP_WAIT)
+        except ESLError as exc:
+            log.info("[%s] could not hang up after the handler failed: %s", session.uuid, exc)
+
+    def _app_exit(self, session: Session, exc: SystemExit) -> None:
+        """The handler called sys.exit(): the app wants this process gone. The call ends as
+        after any handler failure; the worker stops accepting, lets its other calls finish and
+        exits with the app's code (its replacement starts at once)."""
+        code = exit_status(exc)
+        text = traceback.format_exc()
+        log.error("[%s] handler %s called sys.exit(%r); %s, and this worker stops accepting, "
+                  "finishes its other calls and exits with code %d\n%s", session.uuid,
+                  self.config.app, exc.code, _describe(self.config.on_handler_error), code,
+                  text.rstrip())
+        self._send("app_exit", code=code, traceback=text)
+        self._give_up(session)
+        if not self._stop.is_set():
+            self._exit_code = code
+            self.stop("app_exit", f"the app called sys.exit({exc.code!r})", True)
+
+    def _served(self) -> None:
+        """This worker has proved it serves calls: see gateway.backoff for what that decides."""
+        self.scores[SERVED] = 1
+        self._held = set()
+
+    def _update_scores(self) -> None:
+        """Copy the counters kept elsewhere (sessions, acceptor, watchdog) to the shared page."""
+        scores, counters = self.scores, self.counters
+        scores[INDEX["events"]] = counters.events
+        scores[INDEX["commands"]] = counters.commands
+        scores[INDEX["protocol_errors"]] = counters.protocol_errors
+        scores[INDEX["accept_errors"]] = self.acceptor.errors
+        scores[INDEX["longest_block_ms"]] = int(self.watchdog.longest_block * 1000)
 
     def _warn_not_full(self, session: Session) -> None:
         if not self._warned_not_full:
@@ -222,22 +296,23 @@ class GeventWorker:
     # -- the master -------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
+        """The master's proof that this loop turns; also the clock for "held a call a while"."""
         interval = min(HEARTBEAT_INTERVAL, (self.config.timeout or HEARTBEAT_INTERVAL) / 4)
         while True:
-            self._send_heartbeat()
+            self._send("hb")
+            self._update_scores()
+            if not self.scores[SERVED]:
+                if self._held.isdisjoint(self.calls):
+                    self._held = set(self.calls)
+                else:   # a call up at the last heartbeat still is: its handler runs fine
+                    self._served()
             self._title()
             gevent.sleep(interval)
 
-    def _send_heartbeat(self) -> None:
-        counters = self.counters
-        self._send("hb", active=len(self.calls), calls=self.calls_total,
-                   failed=self.calls_failed, handler_exceptions=self.handler_exceptions,
-                   protocol_errors=counters.protocol_errors, events=counters.events,
-                   commands=counters.commands, accept_errors=self.acceptor.errors,
-                   longest_block_ms=int(self.watchdog.longest_block * 1000))
-
     def _watch_master(self) -> None:
-        """EOF on our socketpair means the master is gone: drain rather than serve unsupervised."""
+        """The master's word (a spare is given a slot); EOF on our socketpair means the master
+        is gone: drain rather than serve unsupervised."""
+        reader = ipc.MessageReader()
         while True:
             try:
                 data = self.channel.recv(4096)
@@ -246,6 +321,9 @@ class GeventWorker:
             if not data:
                 self.stop("orphaned", "lost its master", True)
                 return
+            for message in reader.feed(data):
+                if message.get("t") == "serve" and self._state == "spare":
+                    self._serve(int(message["slot"]))
 
     def _send(self, kind: str, **fields) -> None:
         fields.setdefault("pid", os.getpid())
@@ -261,7 +339,43 @@ class GeventWorker:
         calls = len(self.calls)
         state = {"ready": f"{calls} calls", "draining": f"draining {calls} calls"}.get(
             self._state, self._state)
-        title = f"worker {self.spec.slot} [gen {self.spec.generation}] {state}"
+        title = f"worker {self.spec.slot or 'spare'} [gen {self.spec.generation}] {state}"
         if title != self._shown_title:
             self._shown_title = title
             set_title(title)
+
+
+def _describe(action) -> str:
+    return ("hanging the call up (%s)" % action.cause if action.kind == "hangup"
+            else "handing the call back to the dialplan")
+
+
+def prepare() -> None:
+    """What every worker does before it can run: gevent's monkey-patching (once per process;
+    a worker forked by the fork server inherits it).
+
+    Every call is a greenlet: recording who spawned it, and that greenlet's stack, is work and
+    memory per call that nothing here reads, so the greenlet tree is not tracked.
+    """
+    if monkey.is_module_patched("socket"):
+        return
+    gevent.config.track_greenlet_tree = False
+    _patch_all()
+
+
+def _patch_all() -> None:
+    """gevent's ``monkey.patch_all()``, with its plugin lookup done once instead of 25 times.
+
+    patch_all asks for gevent plugins (entry points) before and after patching each module, and
+    each question reads the metadata of every installed distribution: about 70 ms of a worker's
+    150 ms boot here, paid again by every replacement of a crashed worker. The installed plugins
+    cannot change during one patch_all, so one reading answers all the questions.
+    """
+    from importlib import metadata
+    lookup = metadata.entry_points
+    every = lookup()
+    metadata.entry_points = lambda **selection: every.select(**selection) if selection else every
+    try:
+        monkey.patch_all()
+    finally:
+        metadata.entry_points = lookup

@@ -6,6 +6,7 @@ attribute every failed call exactly.
 
 import os
 import random
+import sys
 import time
 
 from gevent import monkey
@@ -13,16 +14,37 @@ from gevent import monkey
 from reporting_ivr import ivr, subscribe_and_report
 
 
+# The exit code of the deliberate os._exit: any code, 3 included, must be classified as a crash.
+EXIT_CODE = int(os.environ.get("FAULTY_EXIT_CODE", "1"))
+EXIT_RATE = float(os.environ.get("FAULTY_EXIT_RATE", "0.01"))
+RAISE_RATE = float(os.environ.get("FAULTY_RAISE_RATE", "0.10"))
+
+
 def handle(session):
     """1 % of calls kill their worker (os._exit), 10 % raise; the rest are ordinary IVR calls."""
     draw = random.random()
-    fate = "exit" if draw < 0.01 else "raise" if draw < 0.11 else "ok"
+    fate = "exit" if draw < EXIT_RATE else "raise" if draw < EXIT_RATE + RAISE_RATE else "ok"
     subscribe_and_report(session)
     session.execute("set", f"test_fate={fate}")
     if fate == "exit":
-        os._exit(1)
+        os._exit(EXIT_CODE)
     if fate == "raise":
         raise RuntimeError(f"deliberate failure in call {session.uuid}")
+    ivr(session)
+
+
+def handle_crash_always(session):
+    """A true crash loop: every call kills its worker before any call can complete."""
+    subscribe_and_report(session)
+    os._exit(EXIT_CODE)
+
+
+def handle_sys_exit(session):
+    """Calls sys.exit(7) in the call that finds ./exit-once (the test creates it)."""
+    subscribe_and_report(session)
+    if os.path.exists("exit-once"):
+        os.remove("exit-once")
+        sys.exit(7)
     ivr(session)
 
 
