@@ -74,11 +74,13 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     log = logging.getLogger("esl_gateway")
     if check_only or state is None:
         # A first start, or an upgrade's check of the new image: the app must load.
-        if not check_app(cfg.app):
-            log.error("the app %s cannot be loaded (traceback above); not starting", cfg.app)
-            return EXIT_BOOT_ERROR
+        for app in filter(None, (cfg.app, cfg.resume)):
+            if not check_app(app):
+                log.error("the app %s cannot be loaded (traceback above); not starting", app)
+                return EXIT_BOOT_ERROR
         if check_only:
-            log.info("upgrade check passed: the new image starts and loads %s", cfg.app)
+            log.info("upgrade check passed: the new image starts and loads %s",
+                     cfg.app or "the proxy")
             return 0
     master = Master(cfg, DEFAULT_WORKER, argv, lambda: config.resolve(cli_values))
     try:

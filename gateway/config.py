@@ -41,6 +41,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def backend_list(text: str) -> list[str]:
+    """``HOST:PORT`` or ``unix:/path`` backends, comma- or space-separated."""
+    backends = address_list(text)
+    for backend in backends:
+        if not backend.startswith("unix:/"):
+            host, sep, port = backend.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"a backend is HOST:PORT or unix:/PATH, not {backend!r}")
+    return backends
+
+
 def address_list(text: str) -> list[str]:
     """Comma- or space-separated ``HOST:PORT`` list (the file and environment form of --bind)."""
     return [item for item in text.replace(",", " ").split() if item]
@@ -49,26 +60,45 @@ def address_list(text: str) -> list[str]:
 @dataclass(frozen=True)
 class CallAction:
     """What the gateway does with a call it has to give up on: ``dialplan`` closes the socket so
-    FreeSWITCH's dialplan goes on with its next action; ``hangup[:CAUSE]`` hangs the call up."""
+    FreeSWITCH's dialplan goes on with its next action; ``hangup[:CAUSE]`` hangs the call up;
+    ``transfer:EXTENSION[:DIALPLAN:CONTEXT]`` sends it to another extension."""
 
     kind: str
-    cause: str | None = None
+    argument: str | None = None   # the hangup cause, or the transfer app's "EXT DIALPLAN CTX"
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.cause}" if self.cause else self.kind
+        if self.argument is None:
+            return self.kind
+        return f"{self.kind}:{self.argument.replace(' ', ':')}"
 
 
 def call_action(text: str) -> CallAction:
-    kind, _, cause = text.strip().partition(":")
+    kind, _, rest = text.strip().partition(":")
     kind = kind.lower()
-    if kind == "dialplan" and not cause:
+    if kind == "dialplan" and not rest:
         return CallAction("dialplan")
     if kind == "hangup":
-        cause = cause.upper() or "NORMAL_CLEARING"
+        cause = rest.upper() or "NORMAL_CLEARING"
         if not re.fullmatch(r"[A-Z0-9_]+", cause):
             raise ValueError(f"not a hangup cause: {cause!r}")
         return CallAction("hangup", cause)
-    raise ValueError(f"must be dialplan or hangup[:CAUSE], not {text!r}")
+    parts = rest.split(":")
+    if kind == "transfer" and len(parts) in (1, 3) and all(
+            re.fullmatch(r"[\w+*#.@-]+", part) for part in parts):
+        return CallAction("transfer", " ".join(parts))
+    raise ValueError("must be dialplan, hangup[:CAUSE] or transfer:EXTENSION[:DIALPLAN:CONTEXT], "
+                     f"not {text!r}")
+
+
+def optional_app(text: str) -> str | None:
+    return text.strip() or None
+
+
+def on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("on", "off", "yes", "no", "true", "false", "1", "0"):
+        raise ValueError(f"must be on or off, not {text!r}")
+    return value in ("on", "yes", "true", "1")
 
 
 def log_level(text: str) -> str:
@@ -103,7 +133,22 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("app", str, None, (), metavar="MODULE:CALLABLE",
-            help="The call-control handler, called as handler(session) once per call."),
+            help="The call-control handler, called as handler(session) once per call (or "
+                 "--proxy instead)."),
+    Setting("proxy", backend_list, list, ("--proxy",), metavar="HOST:PORT[,HOST:PORT...]",
+            default_doc="—",
+            help="Proxy mode, instead of an app: relay each call byte for byte to an outbound "
+                 "ESL listener of any language (round robin over those that answer; "
+                 "`unix:/path` too)."),
+    Setting("backend_wait", non_negative_float, 20.0, ("--backend-wait",), metavar="SECONDS",
+            help="Proxy mode: how long a call waits, FreeSWITCH's side connected, for a backend "
+                 "to answer (retrying across them) before it is handed back to the dialplan; "
+                 "keep it under FreeSWITCH's 25 s wait for `connect`."),
+    Setting("backend_reconnect", on_off, False, ("--backend-reconnect",), metavar="on|off",
+            default_doc="`off`",
+            help="Proxy mode: when a backend dies mid-call, connect another and let it take the "
+                 "call over as a new one (off: FreeSWITCH's side is closed, the dialplan goes "
+                 "on)."),
     Setting("bind", address_list, lambda: ["127.0.0.1:9090"], ("-b", "--bind"),
             metavar="HOST:PORT", repeatable=True,
             help="Address to listen on; repeat for several. [::]:PORT is dual-stack IPv4+IPv6."),
@@ -140,12 +185,29 @@ SETTINGS: tuple[Setting, ...] = (
                  "CHANNEL_HANGUP_COMPLETE arrives (a bare `linger` would pin the call inside "
                  "FreeSWITCH for ever)."),
     Setting("on_handler_error", call_action, CallAction("hangup", "TEMPORARY_FAILURE"),
-            ("--on-handler-error",), metavar="dialplan|hangup[:CAUSE]",
+            ("--on-handler-error",), metavar="ACTION",
             help="What a call gets when its handler raises: `hangup:CAUSE` hangs it up (the "
                  "caller hears the failure at once, CDRs show CAUSE, an unanswered call gets "
                  "SIP 503 for TEMPORARY_FAILURE, so a carrier can route it elsewhere); "
                  "`dialplan` closes the socket and FreeSWITCH runs the dialplan's next action "
-                 "(a fallback after `socket`, or NORMAL_CLEARING if there is none)."),
+                 "(a fallback after `socket`, or NORMAL_CLEARING if there is none); "
+                 "`transfer:EXTENSION[:DIALPLAN:CONTEXT]` sends it to another extension."),
+    Setting("call_survival", on_off, True, ("--call-survival",), metavar="on|off",
+            default_doc="`on`",
+            help="Each worker passes the master a copy of every call's socket, so a call "
+                 "survives its worker's death: a live worker takes it over (see --resume, "
+                 "--orphan-action). Off: a worker's death ends its calls."),
+    Setting("resume", optional_app, None, ("--resume",), metavar="MODULE:CALLABLE",
+            help="Called as resume(session) for a call whose worker died (or whose generation "
+                 "had to close) once a live worker has taken it over: session.resumed is True, "
+                 "session.channel is FreeSWITCH's fresh CHANNEL_DATA. Without it, such a call "
+                 "gets --orphan-action."),
+    Setting("orphan_action", call_action, CallAction("hangup", "TEMPORARY_FAILURE"),
+            ("--orphan-action",), metavar="ACTION",
+            help="What a call whose worker died gets when there is no --resume hook: "
+                 "`hangup[:CAUSE]`, `dialplan` or `transfer:EXTENSION[:DIALPLAN:CONTEXT]`, "
+                 "carried out by the live worker that took the call over: never dead air, "
+                 "never a channel left parked."),
     Setting("ready_timeout", non_negative_float, 60.0, ("--ready-timeout",), metavar="SECONDS",
             help="How long a reload or upgrade waits for its new workers to be ready; then it "
                  "is abandoned and the old generation keeps serving."),
@@ -227,8 +289,11 @@ def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Confi
         values[setting.name], sources[setting.name] = value, source
     if file_values:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(file_values))}")
-    if not values["app"]:
-        raise ConfigError("no app given: pass MODULE:CALLABLE, set app = in the config file, "
+    if values["app"] and values["proxy"]:
+        raise ConfigError("an app or --proxy, not both")
+    if not values["app"] and not values["proxy"]:
+        raise ConfigError("no app given: pass MODULE:CALLABLE (or --proxy HOST:PORT), set "
+                          "app = in the config file, "
                           f"or {ENV_PREFIX}APP")
     return Config(values, sources, path)
 

@@ -14,6 +14,16 @@ each worker's shared page (gateway.scoreboard). Workers send what they *say*:
   crashed, whatever its exit code;
 * ``boot_error`` / ``crash`` / ``app_exit``: the traceback that is about to end the worker, and
   for ``app_exit`` the code the app passed to sys.exit().
+
+The master sends ``serve`` (a spare takes a slot) and ``resume`` (take over an orphaned call;
+its socket travels with the message, SCM_RIGHTS).
+
+Beside this channel each worker has its *call ledger*: a socket on which it passes the master a
+copy of every call's socket as it accepts it (SCM_RIGHTS) and says when each call ends. Records
+are 9 bytes (a kind and a call id), the cheapest thing a worker can write per call, and the
+master reads the ledger only every LEDGER_POLL seconds: descriptors in flight on a socket reach
+the reader even after the sender is dead, so the master learns every call a worker held however
+suddenly it dies, without waking up per call.
 """
 
 from __future__ import annotations
@@ -24,6 +34,12 @@ import msgpack
 
 HEADER = struct.Struct(">I")
 MAX_MESSAGE = 1024 * 1024
+LEDGER_RECORD = struct.Struct(">cq")
+OPENED, CLOSED = b"o", b"c"   # OPENED carries the call's socket; CLOSED says the call ended
+LEDGER_POLL = 0.1
+# Proxy mode: what a heartbeat reports of each backend (counters only ever grow).
+BACKEND_COUNTERS = ("connects", "refused", "retries", "relayed", "bytes_to_backend",
+                    "bytes_to_freeswitch", "died_mid_call", "reconnected", "waited_ms")
 
 
 class IPCError(Exception):
@@ -60,3 +76,34 @@ class MessageReader:
             if isinstance(message, dict):
                 messages.append(message)
         return messages
+
+
+def ledger_record(kind: bytes, call_id: int) -> bytes:
+    return LEDGER_RECORD.pack(kind, call_id)
+
+
+class LedgerReader:
+    """The master's reader of one worker's call ledger: feed bytes and the descriptors that
+    came with them; get (kind, call id, descriptor or None) back, in order."""
+
+    def __init__(self, pending: bytes = b"", fds=()):
+        self.pending = bytearray(pending)
+        self.fds = list(fds)   # received, not yet matched to their OPENED record
+
+    def feed(self, data: bytes, fds) -> list[tuple[bytes, int, int | None]]:
+        self.pending += data
+        self.fds += fds
+        size = LEDGER_RECORD.size
+        count = len(self.pending) // size
+        records = []
+        for kind, call_id in LEDGER_RECORD.iter_unpack(self.pending[:count * size]):
+            if kind == OPENED:
+                if not self.fds:
+                    raise IPCError(f"call {call_id} was opened without its socket")
+                records.append((kind, call_id, self.fds.pop(0)))
+            elif kind == CLOSED:
+                records.append((kind, call_id, None))
+            else:
+                raise IPCError(f"unknown ledger record {kind!r}")
+        del self.pending[:count * size]
+        return records

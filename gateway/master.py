@@ -16,9 +16,11 @@ with the new code.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -39,6 +41,8 @@ SPARE = 0   # the slot number of a spare worker: booted, not accepting, waiting 
 FORK_SERVER = -1   # the backoff key's slot for a generation's fork server
 FORK_DEADLINE = 2.0   # a worker the fork server has not forked by then is forked here instead
 FORK_SERVER_CLASS = "workers.forkserver:ForkServer"
+LEDGER_BUFFER = 4 * 1024 * 1024   # asked; the kernel caps it at net.core.wmem_max
+ORPHAN_WAIT = 10.0   # a call no live worker could take over by then is closed (the dialplan runs)
 PR_SET_CHILD_SUBREAPER = 36
 LOOP_TICK = 1.0   # at most; the loop wakes sooner for signals, messages and a short --timeout
 ABORT_GRACE = 2.0        # SIGABRT (faulthandler dumps the stack) before SIGKILL for a hung worker
@@ -55,10 +59,12 @@ class WorkerRecord:
     """The master's view of one worker process."""
 
     def __init__(self, pid: int | None, slot: int, generation: int, channel: socket.socket,
-                 block: CounterBlock):
+                 block: CounterBlock, ledger: socket.socket):
         self.pid, self.slot, self.generation, self.channel = pid, slot, generation, channel
         self.block = block   # its counters, in shared memory (gateway.scoreboard)
         self.reader = ipc.MessageReader()
+        self.ledger, self.ledger_reader = ledger, ipc.LedgerReader()   # see gateway.ipc
+        self.held: dict[int, int] = {}   # our copy of each of its calls' sockets, by call id
         self.started = time.monotonic()
         self.last_heartbeat = self.started
         self.state = "booting"          # booting, ready, draining
@@ -72,6 +78,7 @@ class WorkerRecord:
         self.boot_failed = False               # it said it cannot load the app
         self.app_exit_code: int | None = None  # it said the app called sys.exit()
         self.crash_reported = False            # it sent the traceback that is ending it
+        self.proxy: dict | None = None   # proxy mode: its backends' figures, last heartbeat
         self.retire_signal: int | None = None   # the stop signal it was sent (or is due)
 
     @property
@@ -82,6 +89,15 @@ class WorkerRecord:
     def name(self) -> str:
         """How logs name it: ``worker 2``, or ``spare worker`` until it is given a slot."""
         return f"worker {self.slot}" if self.slot != SPARE else "spare worker"
+
+
+@dataclass
+class Orphan:
+    """A call whose worker is gone (or had to close), waiting for a live worker to take it."""
+
+    fd: int        # our copy of its socket: FreeSWITCH's side of the call is still up
+    origin: str    # what became of its worker, for the log line of the worker that resumes it
+    since: float
 
 
 @dataclass
@@ -127,6 +143,11 @@ class Master:
         self.workers: dict[int, WorkerRecord] = {}
         self.forking: list[WorkerRecord] = []   # asked of a fork server, pid not known yet
         self.forkservers: dict[int, ForkServerRecord] = {}   # by generation
+        self.orphans: list[Orphan] = []
+        self.calls_orphaned = 0   # calls taken from a dead (or closing) worker to resume them
+        self.calls_lost = 0   # calls a worker's death ended: unprotected, or no worker took them
+        self.resume_ids = itertools.count(-1, -1)   # ids we give resumed calls (workers' > 0)
+        self.ledgers_read_at = 0.0
         self.generation = 1
         self.pending: PendingReload | None = None
         self.switchover: Switchover | None = None
@@ -136,6 +157,7 @@ class Master:
         self.exit_counts: dict[str, int] = {}   # by classification, never trimmed
         # The counters of workers that are gone.
         self.dead_totals = dict.fromkeys(FIELDS, 0)
+        self.dead_backends: dict[str, dict] = {}   # proxy mode: dead workers' backend counts
         self.oom_kills = stats.oom_kills()   # the kernel's count, to tell OOM kills from others
         self.reloads = self.reload_failures = self.upgrades = self.upgrade_failures = 0
         self.last_deploy_error: dict | None = None
@@ -162,6 +184,9 @@ class Master:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+        # We hold a copy of every call's socket: as many descriptors as we may.
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         if state is None:
             self.listeners = self._open_listeners()
         else:
@@ -181,26 +206,12 @@ class Master:
             self.start_generation("upgrade", self.config, state["signalled_at"])
         self._title()
         while True:
-            if not self.stopping:
-                self.manage_workers()
-            next_spawn = self.backoff.next_spawn_in(time.monotonic())
-            self._wait(min(self.tick, LOOP_TICK if next_spawn is None else next_spawn))
-            while self.signal_queue:
-                name = signal.Signals(self.signal_queue.popleft()).name[3:].lower()
-                getattr(self, f"handle_{name}")()
-            self._adopt_forked()
-            if self.stopping:
-                if not (self.workers or self.forking or self.forkservers):
+            try:
+                if self._turn():
                     break
-                if time.monotonic() > self.stop_deadline:
-                    log.warning("%d worker(s) still running at the stop deadline; killing them",
-                                len(self.workers))
-                    self._signal_workers(signal.SIGKILL)
-                    self.stop_deadline = float("inf")
-            else:
-                self.murder_workers()
-                self.advance_reload()
-            self._report()
+            except Exception:   # a bug here must not take the port down with the master
+                log.exception("internal error in the master's loop; carrying on")
+                time.sleep(0.1)   # not a hot loop if it repeats: the log says it does
         if self.stats_server is not None:
             self.stats_server.close()
         for sock in self.listeners:
@@ -208,6 +219,33 @@ class Master:
         self._remove_pidfile()
         log.info("master %d stopped", os.getpid())
         return 0
+
+    def _turn(self) -> bool:
+        """One pass of the loop: wait, handle signals and messages, supervise. True when the
+        master is stopping and every child is gone."""
+        if not self.stopping:
+            self.manage_workers()
+        next_spawn = self.backoff.next_spawn_in(time.monotonic())
+        self._wait(min(self.tick, ipc.LEDGER_POLL,
+                       LOOP_TICK if next_spawn is None else next_spawn))
+        while self.signal_queue:
+            name = signal.Signals(self.signal_queue.popleft()).name[3:].lower()
+            getattr(self, f"handle_{name}")()
+        self._adopt_forked()
+        self._read_ledgers()
+        if self.stopping:
+            if not (self.workers or self.forking or self.forkservers):
+                return True
+            if time.monotonic() > self.stop_deadline:
+                log.warning("%d worker(s) still running at the stop deadline; killing them",
+                            len(self.workers))
+                self._signal_workers(signal.SIGKILL)
+                self.stop_deadline = float("inf")
+        else:
+            self.murder_workers()
+            self.advance_reload()
+        self._report()
+        return False
 
     def _open_listeners(self) -> list[socket.socket]:
         """Sockets from systemd (socket activation or our own fd store), else bound here."""
@@ -484,11 +522,11 @@ class Master:
             self._retire_forkserver(server)
         self._adopt_forked()
         state_fd = upgrade.write_state(self.export_state())
-        keep = [sock.fileno() for sock in self.listeners]
+        keep = [sock.fileno() for sock in self.listeners] + [o.fd for o in self.orphans]
         for record in self.workers.values():
-            keep.append(record.block.fd)
-            if record.channel.fileno() >= 0:
-                keep.append(record.channel.fileno())
+            keep += [record.block.fd, *record.held.values(), *record.ledger_reader.fds]
+            keep += [sock.fileno() for sock in (record.channel, record.ledger)
+                     if sock.fileno() >= 0]
         if self.stats_server is not None:
             keep.append(self.stats_server.sock.fileno())
         log.info("upgrade: re-executing master %d in place", os.getpid())
@@ -506,13 +544,19 @@ class Master:
             "listeners": [[sock.fileno(), sock.family] for sock in self.listeners],
             "workers": [dict({f: getattr(w, f) for f in RECORD_FIELDS},
                              channel=w.channel.fileno(), pending=bytes(w.reader.pending),
-                             counters=w.block.fd)
+                             counters=w.block.fd, ledger=w.ledger.fileno(), held=w.held,
+                             ledger_pending=[bytes(w.ledger_reader.pending),
+                                             w.ledger_reader.fds])
                         for w in self.workers.values()],
+            "orphans": [[o.fd, o.origin, o.since] for o in self.orphans],
+            "calls_orphaned": self.calls_orphaned, "calls_lost": self.calls_lost,
+            "next_resume_id": next(self.resume_ids),
             "backoff": self.backoff.export(),
             "oom_kills": self.oom_kills,
             "generation": self.generation,
             "exits": list(self.exits),
             "dead_totals": self.dead_totals,
+            "dead_backends": self.dead_backends,
             "counts": [self.reloads, self.reload_failures, self.upgrades, self.upgrade_failures],
             "last_deploy_error": self.last_deploy_error,
             "started_at": self.started_at,
@@ -530,28 +574,30 @@ class Master:
         for sock in self.listeners:
             os.set_inheritable(sock.fileno(), False)
         for item in state["workers"]:
-            os.set_inheritable(item["counters"], False)
-            block = CounterBlock(item["counters"])
-            if item["channel"] >= 0:
-                channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM,
-                                        fileno=item["channel"])
-                os.set_inheritable(channel.fileno(), False)
-                channel.setblocking(False)
-            else:   # its channel had ended already; the reaper will see the worker go
-                channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                channel.close()
-            record = WorkerRecord(item["pid"], item["slot"], item["generation"], channel, block)
+            for fd in [item["counters"], *item["held"].values(), *item["ledger_pending"][1]]:
+                os.set_inheritable(fd, False)
+            channel, ledger = _inherited_socket(item["channel"]), _inherited_socket(item["ledger"])
+            record = WorkerRecord(item["pid"], item["slot"], item["generation"], channel,
+                                  CounterBlock(item["counters"]), ledger)
             for name in RECORD_FIELDS[3:]:   # the first three went to the constructor
                 setattr(record, name, item[name])
             record.reader = ipc.MessageReader(item["pending"])
+            record.ledger_reader = ipc.LedgerReader(*item["ledger_pending"])
+            record.held = item["held"]
             self.workers[record.pid] = record
             if channel.fileno() >= 0:
                 self.selector.register(channel, selectors.EVENT_READ, record)
+        for fd, origin, since in state["orphans"]:
+            os.set_inheritable(fd, False)
+            self.orphans.append(Orphan(fd, origin, since))
+        self.calls_orphaned, self.calls_lost = state["calls_orphaned"], state["calls_lost"]
+        self.resume_ids = itertools.count(state["next_resume_id"], -1)
         self.backoff.restore(state["backoff"])
         self.oom_kills = state["oom_kills"]
         self.generation = state["generation"]
         self.exits.extend(state["exits"])
         self.dead_totals.update(state["dead_totals"])
+        self.dead_backends = state["dead_backends"]
         self.reloads, self.reload_failures, self.upgrades, self.upgrade_failures = state["counts"]
         self.last_deploy_error = state["last_deploy_error"]
         self.started_at = state["started_at"]
@@ -623,38 +669,45 @@ class Master:
         """Start a worker for ``slot``: forked by the generation's fork server if it is up (a
         few milliseconds), else here (it then imports gevent and patches itself first)."""
         master_end, worker_end = socket.socketpair()
+        ledger, worker_ledger = socket.socketpair()
+        # Room for the records of several read intervals (each passed socket costs about 1 KiB
+        # of buffer): a full ledger would leave calls unprotected.
+        worker_ledger.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LEDGER_BUFFER)
         block = CounterBlock()
         master_end.setblocking(False)
+        ledger.setblocking(False)
         server = self.forkservers.get(generation)
         pid = None
         if server is None or not server.ready or server.retired or \
-                not self._ask_fork(server, slot, worker_end, block):
+                not self._ask_fork(server, slot, [worker_end.fileno(), block.fd,
+                                                  worker_ledger.fileno()]):
             spec = WorkerSpec(slot=slot, generation=generation, config=config,
                               listeners=self.listeners, channel=worker_end, counters=block,
-                              blocked_signals=self._signal_numbers())
-            pid = self._fork_child(spec, self.worker_class, master_end)
+                              ledger=worker_ledger, blocked_signals=self._signal_numbers())
+            pid = self._fork_child(spec, self.worker_class, [master_end, ledger])
         worker_end.close()
-        record = WorkerRecord(pid, slot, generation, master_end, block)
+        worker_ledger.close()
+        record = WorkerRecord(pid, slot, generation, master_end, block, ledger)
         if pid is None:
             self.forking.append(record)
         else:
             self.workers[pid] = record
         self.selector.register(master_end, selectors.EVENT_READ, record)
 
-    def _ask_fork(self, server: ForkServerRecord, slot: int, worker_end: socket.socket,
-                  block: CounterBlock) -> bool:
+    def _ask_fork(self, server: ForkServerRecord, slot: int, fds: list[int]) -> bool:
+        """Ask the fork server for a worker; ``fds``: its channel, counters and ledger."""
         try:
             socket.send_fds(server.channel, [ipc.pack("fork", slot=slot,
-                                                      worker_class=self.worker_class)],
-                            [worker_end.fileno(), block.fd])
+                                                      worker_class=self.worker_class)], fds)
         except OSError as exc:   # it is dying, or stuck with a full socket
             log.warning("fork server of generation %d (pid %d) cannot take a request (%s); "
                         "forking the worker here", server.generation, server.pid, exc)
             return False
         return True
 
-    def _fork_child(self, spec: WorkerSpec, class_path: str, keep: socket.socket) -> int:
-        """fork() a worker or a fork server running ``class_path``; returns its pid."""
+    def _fork_child(self, spec: WorkerSpec, class_path: str, ours: list) -> int:
+        """fork() a worker or a fork server running ``class_path``; returns its pid. ``ours``:
+        the master's ends of the new child's sockets, closed in the child."""
         # Our signals wait, blocked, from before fork() until the child has its own handlers:
         # one that comes while it boots (a reload right after a respawn) must reach the
         # worker's stop(), not our handler's copy in the child or the default action.
@@ -662,7 +715,7 @@ class Master:
         pid = os.fork()
         if pid == 0:
             try:
-                self._release_in_child(keep)
+                self._release_in_child(ours)
                 child_main(spec, class_path)
             finally:
                 os._exit(EXIT_CRASH)
@@ -673,8 +726,8 @@ class Master:
         master_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spec = WorkerSpec(slot=FORK_SERVER, generation=generation, config=config,
                           listeners=self.listeners, channel=server_end, counters=None,
-                          blocked_signals=self._signal_numbers())
-        pid = self._fork_child(spec, FORK_SERVER_CLASS, master_end)
+                          ledger=None, blocked_signals=self._signal_numbers())
+        pid = self._fork_child(spec, FORK_SERVER_CLASS, [master_end])
         server_end.close()
         master_end.setblocking(False)
         server = self.forkservers[generation] = ForkServerRecord(pid, generation, master_end)
@@ -729,8 +782,10 @@ class Master:
                     server.ready = False
                     _kill(server.pid, signal.SIGKILL)
 
-    def _release_in_child(self, master_end: socket.socket) -> None:
-        """In a new worker: drop the master's signal plumbing and every other worker's socket."""
+    def _release_in_child(self, ours: list) -> None:
+        """In a new worker: drop the master's signal plumbing, every other worker's sockets,
+        and every call socket the master holds (a copy left open here would keep such a call's
+        connection up after its own worker closed it)."""
         try:
             signal.set_wakeup_fd(-1)
             for name in self.SIGNALS:
@@ -743,9 +798,15 @@ class Master:
             for record in [*self.workers.values(), *self.forking]:
                 record.channel.close()
                 record.block.close()
+                record.ledger.close()
+                for fd in record.held.values():
+                    os.close(fd)
+            for orphan in self.orphans:
+                os.close(orphan.fd)
             for server in self.forkservers.values():
                 server.channel.close()
-            master_end.close()
+            for end in ours:
+                end.close()
         except BaseException:
             traceback.print_exc()
             raise
@@ -781,7 +842,9 @@ class Master:
     def _on_message(self, record: WorkerRecord, message: dict) -> None:
         kind = message.get("t")
         record.last_heartbeat = time.monotonic()
-        if kind == "ready":
+        if kind == "hb" and "proxy" in message:
+            record.proxy = message["proxy"]
+        elif kind == "ready":
             record.state, record.ready_at = "ready", time.monotonic()
             self._maybe_notify_ready()
         elif kind == "spare" and record.state == "booting":
@@ -842,14 +905,108 @@ class Master:
         self.backoff.vacated((server.generation, FORK_SERVER), app_fault=True,
                              served=server.ready, now=time.monotonic(), detail="fork server")
 
+    def _read_ledgers(self) -> None:
+        """Every LEDGER_POLL: learn which calls each worker opened and closed (gateway.ipc),
+        and give orphaned calls to live workers."""
+        now = time.monotonic()
+        if now - self.ledgers_read_at < ipc.LEDGER_POLL:
+            return
+        self.ledgers_read_at = now
+        for record in self._all_workers():
+            self._read_ledger(record)
+        if self.orphans:
+            self._place_orphans(now)
+
+    def _read_ledger(self, record: WorkerRecord) -> None:
+        while record.ledger.fileno() >= 0:
+            try:
+                data, fds, flags, _ = socket.recv_fds(record.ledger, 65536, 256,
+                                                      socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds, flags = b"", [], 0
+            if flags & socket.MSG_CTRUNC:
+                log.error("%s (pid %s) passed more call sockets than we may hold (RLIMIT_NOFILE)"
+                          "; those calls will not survive its death", record.name, record.pid)
+            if not data:
+                record.ledger.close()
+                return
+            try:
+                records = record.ledger_reader.feed(data, fds)
+            except ipc.IPCError as exc:
+                log.error("%s (pid %s) wrote a corrupt call ledger (%s); its calls will not "
+                          "survive its death", record.name, record.pid, exc)
+                record.ledger.close()
+                return
+            held = record.held
+            for kind, call_id, fd in records:
+                if kind == ipc.OPENED:
+                    held[call_id] = fd
+                else:
+                    fd = held.pop(call_id, None)
+                    if fd is not None:
+                        os.close(fd)
+
+    def _orphan(self, record: WorkerRecord, origin: str) -> None:
+        """The worker is gone: each call it still held waits for a live worker."""
+        record.ledger.close()
+        held, record.held = record.held, {}
+        if not held:
+            return
+        if self.stopping:
+            for fd in held.values():
+                os.close(fd)
+            self.calls_lost += len(held)
+            log.warning("%d call(s) of %s closed: the master is stopping", len(held),
+                        record.name)
+            return
+        now = time.monotonic()
+        self.calls_orphaned += len(held)
+        self.orphans += [Orphan(fd, origin, now) for fd in held.values()]
+        self._place_orphans(now)
+
+    def _place_orphans(self, now: float) -> None:
+        """Give each orphan to the least busy ready worker of the serving generation; close
+        those that waited ORPHAN_WAIT for one (FreeSWITCH's dialplan then goes on)."""
+        targets = {w: w.counters["active"] for w in self.workers.values()
+                   if w.generation == self.generation and w.state == "ready"
+                   and w.channel.fileno() >= 0}
+        for orphan in list(self.orphans):
+            if targets:
+                target = min(targets, key=targets.get)
+                call_id = next(self.resume_ids)
+                try:
+                    socket.send_fds(target.channel, [ipc.pack("resume", id=call_id,
+                                                              origin=orphan.origin)],
+                                    [orphan.fd])
+                except OSError:
+                    del targets[target]   # dying, or not reading: the next turn tries another
+                    continue
+                target.held[call_id] = orphan.fd   # still ours too: it may die as well
+                targets[target] += 1
+                self.orphans.remove(orphan)
+            elif now - orphan.since > ORPHAN_WAIT:
+                os.close(orphan.fd)
+                self.orphans.remove(orphan)
+                self.calls_lost += 1
+                log.error("an orphaned call (%s) found no live worker within %.0fs; closed, so "
+                          "FreeSWITCH's dialplan goes on", orphan.origin, ORPHAN_WAIT)
+
     def _on_worker_exit(self, record: WorkerRecord, status: int) -> None:
-        # A dying worker's last words (its traceback) may still sit in its socket.
+        # A dying worker's last words (its traceback) may still sit in its socket, and the last
+        # calls it opened in its ledger: what it sent before dying is all there.
         self._read_channel(record)
         self._forget_channel(record)
+        self._read_ledger(record)
         counters = record.counters   # exact: the worker wrote them to shared memory
         record.block.close()
         for key in FIELDS:
             self.dead_totals[key] += counters[key]
+        for address, figures in (record.proxy or {}).get("backends", {}).items():
+            totals = self.dead_backends.setdefault(address, {})
+            for key in ipc.BACKEND_COUNTERS:
+                totals[key] = totals.get(key, 0) + figures.get(key, 0)
         classification, detail = self.classify_exit(status, record)
         now = time.monotonic()
         uptime = now - record.started
@@ -863,15 +1020,23 @@ class Master:
         key = (record.generation, record.slot)
         self.backoff.ended(key, death=classification not in CLEAN_EXITS,
                            completed=counters["completed"], now=now)
+        # Calls in progress of which we hold no copy (survival off, or not passed in time).
+        unprotected = max(counters["active"] - len(record.held), 0)
+        self.calls_lost += unprotected
         message = (f"{record.name} (pid {record.pid}, gen {record.generation}) "
-                   f"{detail} after {uptime:.1f}s, {counters['completed']} call(s) completed"
-                   + (f", {counters['active']} in progress lost" if counters["active"] else ""))
+                   f"{detail} after {uptime:.1f}s, {counters['completed']} call(s) completed")
+        if record.held:
+            message += f", {len(record.held)} in progress handed to live workers"
+        if unprotected:
+            message += f", {unprotected} in progress lost"
         if record.traceback:
             message += f"; its last traceback:\n{record.traceback.rstrip()}"
         if classification in CLEAN_EXITS:
             log.info(message)
         else:
             log.error(message)
+        self._orphan(record, f"{record.name} (pid {record.pid}, gen {record.generation}) "
+                             f"{detail}")
         pending = self.pending
         if pending is not None and record.generation == pending.generation and \
                 classification == "boot_error":
@@ -1014,6 +1179,18 @@ CLEAN_EXITS = ("clean", "recycled", "drained", "stopped", "orphaned")
 APP_FAULTS = ("crashed", "app_exit", "boot_error", "oom_killed", "killed_as_hung")
 # Signals that come from outside (an operator, the OOM killer, us), not from a bug in the worker.
 EXTERNAL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def _inherited_socket(fd: int) -> socket.socket:
+    """A worker's socket handed across an upgrade's exec; closed already if ``fd`` is -1 (it
+    had ended: the reaper will see its worker go)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=None if fd < 0 else fd)
+    if fd < 0:
+        sock.close()
+        return sock
+    os.set_inheritable(fd, False)
+    sock.setblocking(False)
+    return sock
 
 
 def _active_calls(records) -> int:

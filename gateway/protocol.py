@@ -359,6 +359,14 @@ class _Framer:
         """True while part of a frame is buffered (EOF now would cut it)."""
         return bool(self._buf.strip(b"\r\n")) or self._pending is not None
 
+    def buffered(self) -> bytes:
+        """The bytes fed but not yet returned as frames, for whoever reads the stream on
+        without this framer (a header block waiting for its body comes back ended by a plain
+        blank line)."""
+        if self._pending is None:
+            return bytes(self._buf)
+        return self._pending[0] + b"\n\n" + bytes(self._buf)
+
     def feed(self, data: bytes) -> list:
         buf = self._buf
         buf += data
@@ -771,6 +779,21 @@ def _command_from_block(block: bytes, body: bytes | None, _common) -> Command:
     line, _, rest = block.partition(b"\n")
     return Command(line.decode("utf-8", "replace").strip("\r"),
                    Headers(_split_header_block(rest)), body)
+
+
+def whole_commands(data: bytes) -> list[Command] | None:
+    """The commands in ``data`` if it holds nothing but whole commands without a body, exactly as
+    a CommandParser holding nothing would give them; else None, and a CommandParser must be fed.
+
+    A FreeSWITCH reads most commands whole, one per read: this skips the framer for them. It
+    declines whatever the framer has rules for (``\\r``, blank lines between blocks, a
+    Content-Length in any case, a partial block, a frame over the size limit).
+    """
+    if (not data.endswith(b"\n\n") or data[:1] == b"\n" or b"\n\n\n" in data
+            or len(data) > DEFAULT_MAX_FRAME_SIZE or not data.isascii() or b"\r" in data
+            or b"content-length" in data.lower()):
+        return None
+    return [_command_from_block(block, None, None) for block in data[:-2].split(b"\n\n")]
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,11 @@ def render(view: dict, rate: float | None = None) -> str:
                  f"{totals['worker_deaths_per_minute']} in the last minute, "
                  f"{'-' if per_death is None else per_death} calls completed per death; "
                  f"{totals['calls_lost']} calls lost with their workers")
+    lines.append(f"orphaned calls: {totals['calls_orphaned']} handed to live workers "
+                 f"({totals['resumed']} resumed by the hook, {totals['resumed_fallback']} given "
+                 f"--orphan-action, {totals['resumed_gone']} had ended, "
+                 f"{totals['resumed_failed']} failed), {totals['calls_orphaned_now']} waiting "
+                 f"now; {totals['calls_held']} call sockets held by the master")
     for slot in view["slots"]:
         if slot["crash_loop"] or slot["deaths_per_minute"]:
             line = (f"  slot {slot['slot']} gen {slot['generation']}: {slot['state']}, "

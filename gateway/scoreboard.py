@@ -28,7 +28,11 @@ FIELDS = ("calls",              # calls accepted
           "active",             # calls in progress now
           "longest_block_ms",   # the longest event-loop stall the loop watchdog saw
           "served",             # 1 once the worker has completed a call or held one for a while
-          "pid")                # written by the fork server's helper for a worker it forked
+          "pid",                # written by the fork server's helper for a worker it forked
+          "unprotected",        # calls whose socket could not be passed to the master
+          # Calls taken over from a worker that died (or a generation that had to close): the
+          # resume hook ran; --orphan-action ran; the call had ended meanwhile; it failed.
+          "resumed", "resumed_fallback", "resumed_gone", "resumed_failed")
 INDEX = {name: index for index, name in enumerate(FIELDS)}
 SIZE = mmap.PAGESIZE
 assert len(FIELDS) * 8 <= SIZE

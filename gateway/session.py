@@ -108,6 +108,9 @@ class WaitTimeout(ESLError):
     """An event, execute completion or background job did not arrive in time (the call goes on)."""
 
 
+# Channel states of a channel that has hung up (switch_types.h: CS_HANGUP and after).
+DOWN_STATES = frozenset(("CS_HANGUP", "CS_REPORTING", "CS_DESTROY"))
+
 # Without the `full` keyword FreeSWITCH refuses these with "-ERR command not found"
 # (mod_event_socket.c, the full-only gate after sendmsg; docs/esl-protocol.md §5).
 FULL_ONLY = frozenset(("linger", "nolinger", "event", "nixevent", "noevents", "api", "bgapi",
@@ -206,7 +209,7 @@ class Session:
                  "hangup_cause", "close_reason", "_sock", "_parser", "_write_lock", "_pending",
                  "_executes", "_jobs", "_events", "_event_ready", "_closed", "_connected_at",
                  "_event_format", "_background_jobs_subscribed", "_watcher", "_drain_timer",
-                 "_hangup_flag", "__weakref__")
+                 "_hangup_flag", "resumed", "_resync", "__weakref__")
 
     def __init__(self, sock, settings: SessionSettings | None = None,
                  counters: Counters | None = None):
@@ -235,15 +238,90 @@ class Session:
         self._watcher = None       # the socket's read watcher, from start() until released
         self._drain_timer = None   # bounds the wait for FreeSWITCH's close after ours
         self._hangup_flag = None   # made by the first wait_hungup(): most calls never need one
+        self.resumed = False       # True for a call taken over from a worker that died
+        self._resync = None        # while reattaching: (marker, bytes read so far, waiter)
 
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Send ``connect`` (FreeSWITCH says nothing until we do) and decode CHANNEL_DATA."""
+        self._start_reading()
+        self._connect()
+
+    def reattach(self, timeout: float | None = None) -> None:
+        """Take over a call that another worker was serving when it died, mid-conversation.
+
+        The byte stream may be anywhere: the rest of a frame the dead worker had half read,
+        replies and events in flight. So the stream is realigned on a marker only we can
+        produce: ``sendmsg <a fresh uuid>`` is answered ``-ERR invalid session id [<uuid>]``,
+        with no effect on the call, in full and single-channel sockets alike. Everything before
+        the end of that reply is dropped; what follows is whole frames. Sent first: two line
+        breaks, which end any command the dead worker might have half written (its commands are
+        one send() each, so that is rare; FreeSWITCH answers it before our marker), and
+        ``connect``, because the dead worker may have died before it sent its own, and
+        FreeSWITCH never answers a first command other than connect (a connect more is harmless:
+        a second connect on a live socket just returns a fresh CHANNEL_DATA). Then ``connect``
+        once more gives the channel's state now, read in step. FreeSWITCH's own state for the
+        socket (event subscriptions, filters, linger) is kept; the caller of reattach restores
+        what the session must know of it.
+        """
+        self.resumed = True
+        self._start_reading()
+        token = new_uuid()
+        waiter = _Reply()
+        self._resync = (f"[{token}]\n\n".encode(), bytearray(), waiter)
+        with self._write_lock:
+            try:
+                self._send_all(b"\n\n" + protocol.connect() + protocol.sendmsg([], uuid=token))
+            except OSError as exc:
+                self._shutdown(f"send failed: {exc}")
+        timeout = self.settings.command_timeout if timeout is None else timeout
+        try:
+            waiter.get(timeout)
+        except gevent.Timeout:
+            self._shutdown(f"FreeSWITCH did not answer the resynchronisation within {timeout}s")
+            raise CommandTimeout("no reply to the resynchronisation", uuid=self.uuid,
+                                 command="sendmsg <marker>") from None
+        self._connect()
+
+    def detach(self, reason: str) -> None:
+        """Let go of the call without ending it: stop reading and close our descriptor, but
+        send no FIN. The master's copy of the socket keeps the connection up for the worker
+        that takes the call over (see reattach). Waiters wake with SessionClosed."""
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self._teardown(reason)
+        self._sock.close()
+
+    def release(self) -> bytes:
+        """Stop being the call's session but keep its connection, for proxy mode, which relays
+        the socket's bytes from here on. Returns what FreeSWITCH sent that was read but not
+        parsed (the relay passes it on first)."""
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self._teardown("handed to the proxy's relay")
+        return self._parser.buffered()
+
+    def _start_reading(self) -> None:
         # Reads happen only when the loop says the socket is readable, so they must never wait.
         self._sock.setblocking(False)
         self._watcher = get_hub().loop.io(self._sock.fileno(), 1)
         self._watcher.start(self._on_readable)
+
+    def ensure_events(self) -> None:
+        """Subscribe to this channel's events unless the socket already is: a resumed call's
+        dead worker may have subscribed (FreeSWITCH then answers -ERR aready enabled, and keeps
+        the format it had; the parser reads every format)."""
+        try:
+            self.myevents()
+        except CommandError as exc:
+            if not (exc.reply or "").startswith("-ERR aready enabled"):
+                raise
+            self._event_format = "plain"
+
+    def _connect(self) -> None:
         reply = self._command(protocol.connect(), "connect")
         if not reply.reply_text.startswith("+OK"):
             self._shutdown("connect refused")
@@ -253,6 +331,10 @@ class Session:
         self.uuid = reply.headers.get("Unique-ID")
         self.socket_mode = reply.headers.get("Socket-Mode")
         self.control = reply.headers.get("Control")
+        if self.resumed and (reply.headers.get("Answer-State") == "hangup" or
+                             reply.headers.get("Channel-State") in DOWN_STATES):
+            self.hungup = True   # it went down while no worker served it
+            self.hangup_cause = reply.headers.get("Hangup-Cause")
 
     @property
     def closed(self) -> bool:
@@ -586,26 +668,46 @@ class Session:
         if not data:
             cut = " in the middle of a frame" if self._parser.mid_frame else ""
             self._peer_gone(f"FreeSWITCH closed the connection{cut}")
+        elif self._resync is not None and not self._closed.is_set():
+            self._realign(data)
         elif not self._closed.is_set():   # after our FIN, what FreeSWITCH still sends is dropped
-            try:
-                for item in self._parser.feed(data):
-                    # Shut down meanwhile (close(), a timeout, an overflow)? Then no frame may
-                    # reach the torn-down waiters and queue, not even the rest of this chunk.
-                    if self._closed.is_set():
-                        return
-                    if item.__class__ is Event:   # a plain event, most of a call's frames
-                        self._on_event(item)
-                    else:
-                        self._dispatch(item)
-            except ProtocolError as exc:
-                self.counters.protocol_errors += 1
-                log.warning("[%s] protocol error from FreeSWITCH: %s; closing this call",
-                            self.uuid, exc)
-                self._shutdown(f"protocol error: {exc}")
-            except Exception:
-                log.exception("[%s] internal error in the session reader; closing this call",
-                              self.uuid)
-                self._shutdown("internal error in the session reader")
+            self._on_data(data)
+
+    def _on_data(self, data: bytes) -> None:
+        """Parse and dispatch what FreeSWITCH sent."""
+        try:
+            for item in self._parser.feed(data):
+                # Shut down meanwhile (close(), a timeout, an overflow)? Then no frame may
+                # reach the torn-down waiters and queue, not even the rest of this chunk.
+                if self._closed.is_set():
+                    return
+                if item.__class__ is Event:   # a plain event, most of a call's frames
+                    self._on_event(item)
+                else:
+                    self._dispatch(item)
+        except ProtocolError as exc:
+            self.counters.protocol_errors += 1
+            log.warning("[%s] protocol error from FreeSWITCH: %s; closing this call",
+                        self.uuid, exc)
+            self._shutdown(f"protocol error: {exc}")
+        except Exception:
+            log.exception("[%s] internal error in the session reader; closing this call",
+                          self.uuid)
+            self._shutdown("internal error in the session reader")
+
+    def _realign(self, data: bytes) -> None:
+        """While reattaching: drop bytes up to the end of the marker reply, then read on."""
+        marker, seen, waiter = self._resync
+        seen += data
+        end = seen.find(marker)
+        if end < 0:
+            del seen[:-len(marker)]   # a marker split across reads is still found next time
+            return
+        self._resync = None
+        rest = bytes(seen[end + len(marker):])
+        if rest:   # whole frames from here: events, nothing that answers a command yet
+            self._on_data(rest)
+        waiter.set(None)
 
     def _peer_gone(self, reason: str) -> None:
         """FreeSWITCH's side is closed: release the socket at once (no FIN, no drain to wait
@@ -679,18 +781,8 @@ class Session:
 
     def _shutdown(self, reason: str) -> None:
         """The one teardown path: fail every waiter, end the event stream, close the socket."""
-        if self._closed.is_set():
+        if not self._teardown(reason):
             return
-        self.close_reason = reason
-        self._closed.set()
-        pending, self._pending = self._pending, deque()
-        executes, self._executes = self._executes, {}
-        jobs, self._jobs = self._jobs, {}
-        self._fail(SessionClosed, reason, [*pending, *executes.values(), *jobs.values()])
-        self._events.append(_CLOSED)
-        self._event_ready.set()
-        if self._hangup_flag is not None:
-            self._hangup_flag.set()
         if self._watcher is None:   # nothing reads (never started, or released): close now
             self._sock.close()
             return
@@ -702,6 +794,26 @@ class Session:
             pass   # the peer is already gone: the reader sees that and releases the socket
         self._drain_timer = self._watcher.loop.timer(CLOSE_DRAIN_SECONDS)
         self._drain_timer.start(self._release)
+
+    def _teardown(self, reason: str) -> bool:
+        """Fail every waiter and end the event stream (once: False if already done)."""
+        if self._closed.is_set():
+            return False
+        self.close_reason = reason
+        self._closed.set()
+        pending, self._pending = self._pending, deque()
+        executes, self._executes = self._executes, {}
+        jobs, self._jobs = self._jobs, {}
+        waiters = [*pending, *executes.values(), *jobs.values()]
+        if self._resync is not None:   # closed while reattaching: reattach() learns it now
+            waiters.append((self._resync[2], "sendmsg <marker>"))
+            self._resync = None
+        self._fail(SessionClosed, reason, waiters)
+        self._events.append(_CLOSED)
+        self._event_ready.set()
+        if self._hangup_flag is not None:
+            self._hangup_flag.set()
+        return True
 
     def _fail(self, error: type, reason: str, waiters) -> None:
         """Wake every (result, command) waiter with ``error``, naming its command."""

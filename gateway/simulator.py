@@ -3,7 +3,7 @@
 Each simulated call dials the gateway as the dialplan's ``socket`` app does, waits (up to 25 s,
 like FreeSWITCH) for ``connect``, answers with a CHANNEL_DATA reply and then plays
 mod_event_socket: replies to every command with FreeSWITCH's exact texts, queues ``sendmsg``
-applications and runs them in order on a channel greenlet, emits the events FreeSWITCH emits
+applications and runs them in order as the parked channel does, emits the events FreeSWITCH emits
 (CHANNEL_PARK, EXECUTE, ANSWER, EXECUTE_COMPLETE with our Application-UUID, the hangup sequence),
 lingers, sends the disconnect notice and closes. The caller may hang up on its own at any point
 (the ``hangup-race`` scenario). Every call ends with exactly one outcome:
@@ -15,25 +15,27 @@ lingers, sends the disconnect notice and closes. The caller may hang up on its o
   socket open after the disconnect notice;
 * ``protocol_error``: the gateway sent something FreeSWITCH would choke on.
 
-It uses gevent's sockets explicitly (no monkey-patching), so it also runs inside pytest.
+It runs on gevent's event loop without monkey-patching, so it also runs inside pytest. A call is a
+set of loop callbacks (socket readiness, timers) rather than greenlets: a load generator offering
+hundreds of calls a second must not spend its CPU on greenlets, queues and timeouts.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
+import os
 import random
 import socket
 import time
-import uuid as uuidlib
+from collections import deque
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import gevent
 from gevent import socket as gsocket
-from gevent.event import Event as Flag
-from gevent.lock import Semaphore
-from gevent.pool import Pool
-from gevent.queue import Queue
+from gevent.event import AsyncResult, Event
 
 from gateway import protocol
 from gateway.protocol import Command, ProtocolError
@@ -83,39 +85,111 @@ class _CallEnded(Exception):
     """Internal: the call has its outcome."""
 
 
+# Commands a single-channel (`async` without `full`) socket does not know.
+_FULL_ONLY = frozenset(("linger", "nolinger", "event", "nixevent", "noevents", "api", "bgapi",
+                        "log", "nolog", "sendevent"))
+
+
+class _Request:
+    """A command as the listener serves it: named and described once."""
+
+    __slots__ = ("command", "name", "args", "description")
+
+    def __init__(self, command: Command):
+        self.command, self.name, self.args = command, command.name, command.args
+        self.description = describe(command)
+
+
+# Reads up to this size are cached by _whole_requests: a bare command or a hangup. Longer ones
+# carry something of their call (an Event-UUID): caching those would only evict.
+_CACHED_READ = 80
+
+
+def _whole_requests(data: bytes) -> tuple[_Request, ...] | None:
+    """The requests in a read that holds whole commands only (see protocol.whole_commands),
+    or None. Short reads are made once for every call that reads the same bytes: most commands
+    carry nothing of their call (``connect``, ``linger 10``, ``myevents``, a hangup)."""
+    return (_cached_whole_requests if len(data) <= _CACHED_READ else _make_whole_requests)(data)
+
+
+def _make_whole_requests(data: bytes) -> tuple[_Request, ...] | None:
+    commands = protocol.whole_commands(data)
+    return None if commands is None else tuple(map(_Request, commands))
+
+
+_cached_whole_requests = functools.lru_cache(maxsize=256)(_make_whole_requests)
+
+
 class SimulatedCall:
-    """One call: a channel plus the mod_event_socket listener that serves its socket."""
+    """One call: a channel plus the mod_event_socket listener that serves its socket.
+
+    Its work is done from event-loop callbacks, in one of two roles, which differ only in what a
+    write error means:
+
+    * the listener (reading and answering commands, its timeouts, static-mode apps, which run in
+      the session thread) ends the call on an error, through ``_as_listener``;
+    * the channel (async-mode apps, the caller's hangup, the linger) writes but never reads, so a
+      write error is kept for the listener, which sees the same connection fail (``_as_channel``).
+    """
 
     def __init__(self, address: tuple[str, int], options: CallOptions, rng: random.Random):
         self.address, self.options, self.rng = address, options, rng
-        self.uuid = str(uuidlib.uuid4())
+        self.uuid = _uuid4()
         self.result = CallResult(outcome="", uuid=self.uuid)
         self.sock = None
-        self.parser = protocol.CommandParser()
-        self.write_lock = Semaphore()
-        self.apps: Queue = Queue()
+        self.parser: protocol.CommandParser | None = None   # made when a read needs a framer
         self.connected = False            # `connect` received
         self.event_format: str | None = None
         self.subscribed: set[str] = set()
         self.linger: int | None = None    # None: no linger; -1: for ever; N seconds
-        self.hungup = Flag()
-        self.finished = Flag()            # the listener is done (disconnect sent or peer gone)
+        self.hungup = False
+        self.finished = False             # the listener is done (disconnect sent or call over)
         self.running_app: tuple[str, str, str | None] | None = None
         self.hangup_cause = "NORMAL_CLEARING"
         self.answered = False
-        self.side_greenlets: list = []     # channel loop and timers; only the listener reads
         self.write_error: OSError | None = None
         self.held: list[bytes] | None = None   # static mode: events raised by the running app
         self.hangup_announced = False
-        self._pending: list[Command] = []
-        self._channel_block: tuple[bool | None, bytes] = (None, b"")   # (answered, bytes)
+        self.apps: deque = deque()        # async mode: applications queued behind a playback
+        self._app_busy = False            # async mode: an application (a playback) goes on
+        self._playing = None              # (timer, done) of the playback going on
+        self._paused = False              # static mode: an app holds the session: no reading
+        self._pending: deque[_Request] = deque()   # read, not yet served
+        uuid_line = protocol.serialize_headers_plain([("Unique-ID", self.uuid)])
+        # A plain event's channel headers, by answer state (indexed by self.answered).
+        self._channel_lines = (uuid_line + _CHANNEL_LINES[False], uuid_line + _CHANNEL_LINES[True])
+        self._unsent: deque[bytes] = deque()   # frames the socket could not take yet
+        self._shut_when_sent = False      # shut our side once the disconnect notice is out
+        self._loop = gevent.get_hub().loop
+        self._reader = None               # the socket's watcher: the handshake, then reads
+        self._writer = None               # waits for the socket to take unsent frames
+        self._wait = None
+        self._timers: list = []
+        self._ended = False
+        self._started = 0.0
+        self._on_done = None
 
     # -- the whole call ---------------------------------------------------------------------
 
     def run(self) -> CallResult:
-        start = time.monotonic()
+        """Play the call to its end (in the calling greenlet) and return its result."""
+        ended = AsyncResult()
+        self._start(lambda result, error: ended.set(result) if error is None
+                    else ended.set_exception(error))
+        return ended.get()
+
+    def _start(self, on_done) -> None:
+        """Dial, and play the call from event-loop callbacks; ``on_done(result, error)`` is called
+        once it is over (``error``: an unexpected exception, which is raised on too)."""
+        self._on_done = on_done
+        self._started = time.monotonic()
+        self._as_listener(self._dial)
+
+    def _as_listener(self, function, *args) -> None:
+        """Run listener work: an outcome (or a failed connection) ends the call."""
         try:
-            self._run(start)
+            function(*args)
+            return
         except _CallEnded:
             pass
         except ConnectionResetError as exc:
@@ -124,117 +198,185 @@ class SimulatedCall:
             self._record("reset", f"write after the gateway closed: {exc}")
         except ProtocolError as exc:
             self._record("protocol_error", str(exc))
-        finally:
-            if self.sock is not None:
-                self.sock.close()
-        if not self.result.outcome:
-            self.result.outcome = "completed"
-        self.result.ended_at = time.monotonic()
-        self.result.duration_ms = (self.result.ended_at - start) * 1000
-        return self.result
+        except BaseException as exc:
+            self._finish(exc)
+            raise
+        self._finish()
 
-    def _run(self, start: float) -> None:
+    def _as_channel(self, function, *args) -> None:
+        """Run channel work; a write error is kept for the listener (see _peer_closed)."""
         try:
-            self.sock = _dial(self.address, self.options.connect_timeout)
-        except socket.timeout as exc:
+            function(*args)
+        except OSError as exc:
+            self.write_error = exc
+
+    def _timer(self, seconds: float, callback, *args):
+        """A loop timer, stopped when the call ends."""
+        timer = self._loop.timer(seconds)
+        timer.start(callback, *args)
+        self._timers.append(timer)
+        return timer
+
+    def _later(self, seconds: float, function, *args):
+        """Channel work after ``seconds``."""
+        return self._timer(seconds, self._as_channel, function, *args)
+
+    def _arm_wait(self, seconds: float) -> None:
+        """(Re)start the listener's current wait: for the TCP handshake, for `connect`, or for
+        the gateway to close after our disconnect notice (see _waited_too_long)."""
+        if self._wait is not None:
+            self._wait.stop()
+        self._wait = self._timer(seconds, self._as_listener, self._waited_too_long)
+
+    def _waited_too_long(self) -> None:
+        if self.result.accepted_ms is None:
+            self._dial_failed(socket.timeout("timed out"))
+        if self.finished:
+            self._end("timeout", "the gateway kept the socket open "
+                                 f"{self.options.close_grace}s after the disconnect notice")
+        self._end("timeout", f"no connect within {self.options.connect_wait}s "
+                             "(FreeSWITCH gives up)")
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        """The call is over: stop its watchers and timers, close the socket, hand the result on."""
+        if self._ended:
+            return
+        self._ended = self.finished = True   # nothing is written any more
+        for watcher in (self._reader, self._writer, *self._timers):
+            if watcher is not None:
+                watcher.close()
+        if self.sock is not None:
+            self.sock.close()
+        self.result.ended_at = time.monotonic()
+        self.result.duration_ms = (self.result.ended_at - self._started) * 1000
+        self._on_done(self.result, error)
+
+    # -- dialling ---------------------------------------------------------------------------
+
+    def _dial(self) -> None:
+        """Connect as FreeSWITCH does: to a literal address at once, without a resolver round
+        trip (gevent resolves in a thread pool on every call: a sixth of a generator's CPU)."""
+        family = _address_family(self.address[0])
+        if family is None:   # a name: gevent's resolver, in a greenlet of its own
+            gevent.spawn(self._as_listener, self._dial_name)
+            return
+        try:
+            self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            error = self.sock.connect_ex(self.address)
+        except OSError as exc:
+            self._dial_failed(exc)
+        if error != errno.EINPROGRESS:
+            self._handshake_done(error)
+            return
+        self._reader = self._loop.io(self.sock.fileno(), 2)   # writable: the handshake is over
+        self._reader.start(self._as_listener, self._on_handshake)
+        self._arm_wait(self.options.connect_timeout)
+
+    def _dial_name(self) -> None:
+        try:
+            sock = gsocket.create_connection(self.address, timeout=self.options.connect_timeout)
+        except OSError as exc:
+            self._dial_failed(exc)
+        self.sock = socket.socket(fileno=sock.detach())
+        self.sock.setblocking(False)
+        self._handshake_done(0)
+
+    def _on_handshake(self) -> None:
+        self._reader.stop()
+        self._reader.events = 1   # readable, from now on
+        self._handshake_done(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def _dial_failed(self, exc: OSError) -> NoReturn:
+        if isinstance(exc, socket.timeout):
             self._end("timeout", f"TCP handshake: {exc}")
-        except ConnectionResetError as exc:
+        if isinstance(exc, ConnectionResetError):
             self._end("reset", str(exc))
-        except OSError as exc:   # refused, or unreachable: the connect fails at once either way
-            self._end("refused", str(exc))
-        self.result.accepted_ms = (time.monotonic() - start) * 1000
-        self.sock.settimeout(None)
+        self._end("refused", str(exc))   # refused, or unreachable: the connect fails at once
+
+    def _handshake_done(self, error: int) -> None:
+        if error:
+            self._dial_failed(OSError(error, os.strerror(error)))
+        self.result.accepted_ms = (time.monotonic() - self._started) * 1000
         # FreeSWITCH sets these on its outbound socket (mod_event_socket.c, socket_function).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        self._side(0, self._channel_loop)
+        self._arm_wait(self.options.connect_wait)
+        if self._reader is None:
+            self._reader = self._loop.io(self.sock.fileno(), 1)
+        self._reader.start(self._as_listener, self._on_readable)
         if self.options.scenario == "hangup-race":
             low, high = self.options.hangup_after_ms
-            self._side(self.rng.uniform(low, high) / 1000, self._hangup, "NORMAL_CLEARING")
+            self._later(self.rng.uniform(low, high) / 1000, self._hangup, "NORMAL_CLEARING")
+        self._timer(self.options.call_deadline, self._as_listener, self._end, "timeout",
+                    f"call still up after {self.options.call_deadline}s")
+
+    # -- the listener -----------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        """mod_event_socket's listener: read commands and serve them.
+
+        After the disconnect notice FreeSWITCH reads nothing more; we keep reading only to see
+        the gateway close its side, which must happen promptly.
+        """
         try:
-            with gevent.Timeout(self.options.call_deadline, False):
-                self._listen(start)
-                return
-            self._end("timeout", f"call still up after {self.options.call_deadline}s")
-        finally:
-            gevent.killall(self.side_greenlets)
-
-    def _side(self, delay: float, function, *args) -> None:
-        """Run channel-side work in its own greenlet; it writes, never reads.
-
-        A write error there is kept for the listener, which sees the same connection fail.
-        """
-        def run():
-            try:
-                function(*args)
-            except OSError as exc:
-                self.write_error = exc
-        self.side_greenlets.append(gevent.spawn_later(delay, run))
-
-    def _listen(self, start: float) -> None:
-        """mod_event_socket's listener: read commands, reply, until the call is over."""
-        first = self._next_command(self.options.connect_wait, "no connect within "
-                                   f"{self.options.connect_wait}s (FreeSWITCH gives up)")
-        if first is None:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
             return
-        if first.name != "connect":
-            self._end("protocol_error", f"first command was {first.line!r}, not connect: "
-                                        "FreeSWITCH swallows its reply and the client hangs")
-        self.result.first_byte_ms = (time.monotonic() - start) * 1000
-        self.connected = True
-        self.result.commands.append(first.line)
-        self._write(protocol.connect_reply_frame(self._channel_data(), self.options.socket_mode,
-                                                 self.options.control))
-        while True:
-            command = self._next_command(None, "")
-            if command is None:
-                return
-            self.result.commands.append(describe(command))
-            self._on_command(command)
+        if not data:
+            self._peer_closed()
+        if self.finished:
+            return
+        parser = self.parser
+        requests = _whole_requests(data) if parser is None or not parser.mid_frame else None
+        if requests is None:
+            if parser is None:
+                parser = self.parser = protocol.CommandParser()
+            requests = [_Request(command) for command in parser.feed(data)]
+        self._pending.extend(requests)
+        self._serve()
 
-    def _next_command(self, timeout: float | None, timeout_detail: str) -> Command | None:
-        """The next command; None once the gateway has closed after our disconnect notice.
-
-        After the notice FreeSWITCH reads nothing more; we keep reading only to see the gateway
-        close its side, which must happen promptly.
-        """
+    def _serve(self) -> None:
+        """Reply to each command read, in order, until the listener is done or an app holds a
+        static session; then the channel runs the apps queued meanwhile (FreeSWITCH's listener
+        replies to commands read together before its channel thread gets to them)."""
         pending = self._pending
-        while not pending or self.finished.is_set():
-            wait = self.options.close_grace if self.finished.is_set() else timeout
-            if wait is None:   # most reads: no Timeout object to make and cancel
-                data = self.sock.recv(65536)
-            else:
-                data = None
-                with gevent.Timeout(wait, False):
-                    data = self.sock.recv(65536)
-            if data is None:
-                if self.finished.is_set():
-                    self._end("timeout", "the gateway kept the socket open "
-                                         f"{self.options.close_grace}s after the disconnect notice")
-                self._end("timeout", timeout_detail)
-            if not data:
-                self._peer_closed()
-                return None
-            if not self.finished.is_set():
-                pending.extend(self.parser.feed(data))
-        return pending.pop(0)
+        while pending and not self.finished and not self._paused:
+            request = pending.popleft()
+            if not self.connected:
+                self._on_connect(request)
+                continue
+            self.result.commands.append(request.description)
+            self._on_command(request)
+        if self.apps:
+            self._as_channel(self._next_app)
+
+    def _on_connect(self, first: _Request) -> None:
+        if first.name != "connect":
+            self._end("protocol_error", f"first command was {first.command.line!r}, not "
+                                        "connect: FreeSWITCH swallows its reply and the client "
+                                        "hangs")
+        self._wait.stop()
+        self.result.first_byte_ms = (time.monotonic() - self._started) * 1000
+        self.connected = True
+        self.result.commands.append(first.command.line)
+        self._write(self._connect_reply())
 
     def _peer_closed(self) -> None:
         if self.write_error is not None:
             self._end("reset", f"write failed: {self.write_error}")
-        if self.hungup.is_set():
+        if self.hungup:
             self._end("completed", "gateway closed after the hangup")
-        if self.finished.is_set():
+        if self.finished:
             self._end("early_close", "gateway sent exit while the call was up")
         self._end("early_close", "gateway closed while the call was up; the dialplan moves on")
 
     # -- commands ---------------------------------------------------------------------------
 
-    def _on_command(self, command: Command) -> None:
-        name, args = command.name, command.args
-        full_only = ("linger", "nolinger", "event", "nixevent", "noevents", "api", "bgapi",
-                     "log", "nolog", "sendevent")
-        if self.options.control != "full" and name in full_only:
+    def _on_command(self, request: _Request) -> None:
+        command, name, args = request.command, request.name, request.args
+        if name == "sendmsg":   # most commands
+            self._on_sendmsg(request)
+        elif self.options.control != "full" and name in _FULL_ONLY:
             self._reply("-ERR command not found")
         elif name == "myevents":
             if "myevents" in self.subscribed:
@@ -243,7 +385,7 @@ class SimulatedCall:
             self.subscribed.add("myevents")
             self.event_format = "json" if "json" in args else "xml" if "xml" in args else "plain"
             self._reply("+OK Events Enabled")
-            if self.options.socket_mode == "async" and not self.hungup.is_set():
+            if self.options.socket_mode == "async" and not self.hungup:
                 self._emit("CHANNEL_PARK")
         elif name == "linger":
             self.linger = int(args) if args.strip().lstrip("-").isdigit() else -1
@@ -260,17 +402,15 @@ class SimulatedCall:
                 return
             self.subscribed.update(names.split())
             self._reply(f"+OK event listener enabled {self.event_format}")
-        elif name == "sendmsg":
-            self._on_sendmsg(command)
         elif name == "api":
             self._write(protocol.api_response_frame(self._api(args).encode()))
         elif name == "bgapi":
-            job_uuid = command.headers.get("Job-UUID") or str(uuidlib.uuid4())
+            job_uuid = command.headers.get("Job-UUID") or _uuid4()
             self._reply(f"+OK Job-UUID: {job_uuid}", [("Job-UUID", job_uuid)])
             if {"BACKGROUND_JOB", "ALL"} & self.subscribed:
-                self._emit("BACKGROUND_JOB", [("Job-UUID", job_uuid),
+                self._emit("BACKGROUND_JOB", (("Job-UUID", job_uuid),
                                               ("Job-Owner-UUID", self.uuid),
-                                              ("Job-Command", args.split(" ")[0])],
+                                              ("Job-Command", args.split(" ")[0])),
                            body=self._api(args).encode(), channel=False)
         elif name == "getvar":
             self._reply("-ERR command not found")
@@ -281,16 +421,15 @@ class SimulatedCall:
             self._reply("+OK bye")
             self._disconnect()
         elif name == "connect":
-            self._write(protocol.connect_reply_frame(self._channel_data(),
-                                                     self.options.socket_mode,
-                                                     self.options.control))
+            self._write(self._connect_reply())
         else:
             self._reply("-ERR command not found")
 
-    def _on_sendmsg(self, command: Command) -> None:
+    def _on_sendmsg(self, request: _Request) -> None:
+        command = request.command
         headers = command.headers
         call_command = (headers.get("call-command") or "").lower()
-        target = command.args.strip()
+        target = request.args.strip()
         if target and target != self.uuid:
             self._reply(f"-ERR invalid session id [{target}]")
             return
@@ -306,8 +445,8 @@ class SimulatedCall:
                 self._run_app_inline(app, arg or "", headers.get("Event-UUID"))
                 return
             self._reply("+OK")
-            if not self.hungup.is_set():
-                self.apps.put((app, arg or "", headers.get("Event-UUID")))
+            if not self.hungup:
+                self.apps.append((app, arg or "", headers.get("Event-UUID")))
         elif call_command == "hangup":
             self._reply("+OK")
             self._hangup(headers.get("hangup-cause") or "NORMAL_CLEARING")
@@ -324,185 +463,331 @@ class SimulatedCall:
 
     # -- the channel ------------------------------------------------------------------------
 
-    def _channel_loop(self) -> None:
-        """Async sockets: the parked channel runs queued applications in order."""
-        while True:
-            app, arg, event_uuid = self.apps.get()
-            if not self.hungup.is_set():   # FreeSWITCH runs no queued app after hangup
-                self._run_app(app, arg, event_uuid)
+    def _next_app(self) -> None:
+        """Async sockets: the parked channel runs queued applications in order, each as soon as
+        the one before is over (at once, unless a playback takes time)."""
+        while self.apps and not self._app_busy:
+            app, arg, event_uuid = self.apps.popleft()
+            if not self.hungup:   # FreeSWITCH runs no queued app after hangup
+                self._app_busy = not self._run_app(app, arg, event_uuid, self._app_over)
+
+    def _app_over(self) -> None:
+        self._app_busy = False
+        self._next_app()
 
     def _run_app_inline(self, app: str, arg: str, event_uuid: str | None) -> None:
         """Static sockets: the app runs in the session thread before the reply, and the events
-        it raised are written only after that reply (docs/esl-protocol.md §7)."""
+        it raised are written only after that reply (docs/esl-protocol.md §7). While it runs
+        the session reads no command."""
         self.held = []
-        self._run_app(app, arg, event_uuid)
+        if self._run_app(app, arg, event_uuid,
+                         functools.partial(self._as_listener, self._static_app_over)):
+            self._static_app_over()
+        else:
+            self._paused = True
+            self._reader.stop()
+
+    def _static_app_over(self) -> None:
         self._reply("+OK")
         held, self.held = self.held, None
         for frame in held:
             self._write(frame)
-        if self.hungup.is_set():
+        if self.hungup:
             self._announce_static_hangup()
+        if self._paused:
+            self._paused = False
+            self._reader.start(self._as_listener, self._on_readable)
+            self._serve()
 
-    def _run_app(self, app: str, arg: str, event_uuid: str | None) -> None:
-        """One application: CHANNEL_EXECUTE, its effect, CHANNEL_EXECUTE_COMPLETE."""
+    def _run_app(self, app: str, arg: str, event_uuid: str | None, then) -> bool:
+        """One application: CHANNEL_EXECUTE, its effect, CHANNEL_EXECUTE_COMPLETE.
+
+        True when it is over; False while a playback goes on, and ``then()`` is called once that
+        ends (played, or cut short by the hangup, whose sequence reports the app).
+        """
         self.running_app = (app, arg, event_uuid)
         app_headers = _app_headers(app, arg, event_uuid)
-        self._emit("CHANNEL_EXECUTE", app_headers)
+        self._emit("CHANNEL_EXECUTE", *app_headers)
         response = "_none_"
         if app == "answer" and not self.answered:
             self.answered = True
             self._emit("CHANNEL_ANSWER")
         elif app == "playback":
             response = "FILE PLAYED"
-            if self._play(self.options.playback_ms / 1000):
-                return   # the hangup sequence reports the interrupted app
+            seconds = self.options.playback_ms / 1000
+            if seconds > 0:
+                if self.hungup:
+                    return True   # cut short at once
+
+                def played(interrupted: bool) -> None:
+                    if not interrupted:
+                        self._app_complete(app_headers, response)
+                    then()
+                self._play(seconds, played)
+                return False
         elif app == "hangup":
             self.running_app = None
             self._hangup(arg or "NORMAL_CLEARING")
-            return
-        self.running_app = None
-        self._emit("CHANNEL_EXECUTE_COMPLETE", app_headers + [("Application-Response", response)])
+            return True
+        self._app_complete(app_headers, response)
+        return True
 
-    def _play(self, seconds: float) -> bool:
-        """Let a playback run (with a DTMF now and then, if asked); True if the call hung up."""
+    def _app_complete(self, app_headers: tuple[tuple[tuple[str, str], ...], ...], response: str
+                      ) -> None:
+        self.running_app = None
+        self._emit("CHANNEL_EXECUTE_COMPLETE", *app_headers, (("Application-Response", response),))
+
+    def _play(self, seconds: float, done) -> None:
+        """Let a playback run (with a DTMF now and then, if asked), then ``done(False)``; a
+        hangup meanwhile calls ``done(True)`` at once (see _hangup)."""
         interval = self.options.event_interval
         end = time.monotonic() + seconds
-        while True:
+
+        def step(woke: bool) -> None:
+            if woke and interval is not None and end - time.monotonic() > 0:
+                self._emit("DTMF", (("DTMF-Digit", "1"), ("DTMF-Duration", "2000")))
             left = end - time.monotonic()
             if left <= 0:
-                return False
-            if self.hungup.wait(left if interval is None else min(left, interval)):
-                return True
-            if interval is not None and end - time.monotonic() > 0:
-                self._emit("DTMF", [("DTMF-Digit", "1"), ("DTMF-Duration", "2000")])
+                self._playing = None
+                done(False)
+                return
+            timer = self._later(left if interval is None else min(left, interval), step, True)
+            self._playing = (timer, done)
+        step(False)
 
     def _hangup(self, cause: str) -> None:
-        """The channel goes down: the hangup events, the linger, the disconnect notice."""
-        if self.hungup.is_set():
+        """The channel goes down: the hangup events, the linger, the disconnect notice; then a
+        playback going on is cut short."""
+        if self.hungup:
             return
         self.hangup_cause = self.result.hangup_cause = cause
-        self.hungup.set()
-        if self.finished.is_set():
+        self.hungup = True
+        self._hangup_sequence(cause)
+        if self._playing is not None:
+            (timer, done), self._playing = self._playing, None
+            timer.stop()
+            done(True)
+
+    def _hangup_sequence(self, cause: str) -> None:
+        if self.finished:
             return
         if not self.connected or self.linger is None:
             # Without linger the listener stops at once: events after this pass are lost.
             if self.connected:
-                self._emit("CHANNEL_HANGUP", [("Hangup-Cause", cause)])
+                self._emit("CHANNEL_HANGUP", (("Hangup-Cause", cause),))
             self._disconnect()
             return
         if self.options.socket_mode == "static":
             if self.held is None:   # else the listener announces it after the app's reply
                 self._announce_static_hangup()
             return
-        self._emit("CHANNEL_HANGUP", [("Hangup-Cause", cause)])
+        self._emit("CHANNEL_HANGUP", (("Hangup-Cause", cause),))
         if self.running_app is not None:
-            self._emit("CHANNEL_EXECUTE_COMPLETE", _app_headers(*self.running_app) +
-                       [("Application-Response", "FILE NOT FOUND")])
+            self._emit("CHANNEL_EXECUTE_COMPLETE", *_app_headers(*self.running_app),
+                       (("Application-Response", "FILE NOT FOUND"),))
         self._emit("CHANNEL_UNPARK")
-        self._emit("CHANNEL_EXECUTE_COMPLETE", [("Application", "socket")])
-        self._emit("CHANNEL_STATE", [("Channel-State", "CS_HANGUP")])
-        self._emit("CHANNEL_HANGUP_COMPLETE", [("Hangup-Cause", cause),
-                                               ("variable_billsec", "0")])
+        self._emit("CHANNEL_EXECUTE_COMPLETE", (("Application", "socket"),))
+        self._emit("CHANNEL_STATE", (("Channel-State", "CS_HANGUP"),))
+        self._emit("CHANNEL_HANGUP_COMPLETE", (("Hangup-Cause", cause), ("variable_billsec", "0")))
         self._linger_then_disconnect()
 
     def _announce_static_hangup(self) -> None:
         """Static sockets: the linger notice comes before CHANNEL_HANGUP, and no later hangup
         event (CHANNEL_STATE, CHANNEL_HANGUP_COMPLETE) ever arrives (fixtures static_full*)."""
-        if self.hangup_announced:
+        if self.hangup_announced or self.finished:   # finished: no linger, already disconnected
             return
         self.hangup_announced = True
         self._linger_then_disconnect()
-        self._emit("CHANNEL_HANGUP", [("Hangup-Cause", self.hangup_cause)])
+        self._emit("CHANNEL_HANGUP", (("Hangup-Cause", self.hangup_cause),))
 
     def _linger_then_disconnect(self) -> None:
-        self._write(protocol.linger_notice_frame(self.uuid, self._channel_name(), self.linger))
+        self._write(protocol.linger_notice_frame(self.uuid, _CHANNEL_NAME, self.linger))
         linger = self.options.linger_cap if self.linger < 0 else min(self.linger,
                                                                       self.options.linger_cap)
-        self._side(linger, self._disconnect)
+        self._later(linger, self._disconnect)
 
     def _disconnect(self) -> None:
         """Send the disconnect notice and close our side; the gateway must then close promptly."""
-        with self.write_lock:
-            if self.finished.is_set():
-                return
-            self.finished.set()
-            self._send(protocol.disconnect_notice_frame(self.uuid))
+        if self.finished:
+            return
+        self._arm_wait(self.options.close_grace)
+        try:
+            self._write(protocol.disconnect_notice_frame(self.uuid))
+        finally:
+            self.finished = True   # nothing follows the notice
+        if self._unsent:
+            self._shut_when_sent = True
+        else:
             self.sock.shutdown(socket.SHUT_WR)
 
     # -- writing ----------------------------------------------------------------------------
 
     def _reply(self, text: str, extra=()) -> None:
-        self._write(protocol.reply_frame(text, extra))
+        self._write(protocol.reply_frame(text, extra) if extra else _reply_frame(text))
 
-    def _emit(self, name: str, extra=(), body: bytes = b"", channel: bool = True) -> None:
-        if self.event_format is None or not ({name, "ALL"} & self.subscribed or
-                                             (channel and "myevents" in self.subscribed)):
+    def _emit(self, name: str, *extra: tuple[tuple[str, str], ...], body: bytes = b"",
+              channel: bool = True) -> None:
+        """Raise an event with the channel's headers and then ``extra``'s, if the gateway
+        subscribed to it (else nothing is built)."""
+        subscribed = self.subscribed
+        if self.event_format is None or not (name in subscribed or "ALL" in subscribed or
+                                             (channel and "myevents" in subscribed)):
             return
-        headers = [("Event-Name", name), ("Core-UUID", CORE_UUID),
-                   ("Event-Date-Timestamp", str(int(time.time() * 1e6)))]
-        if self.event_format == "plain":   # the channel's own headers serialised once a state
-            if self._channel_block[0] != self.answered:
-                self._channel_block = (self.answered, protocol.serialize_headers_plain(
-                    self._channel_headers()))
-            frame = protocol.event_frame_plain(
-                protocol.serialize_headers_plain(headers) + self._channel_block[1]
-                + protocol.serialize_headers_plain(extra), body)
+        timestamp = int(time.time() * 1e6)
+        if self.event_format == "plain":   # each piece serialised once (see _plain_lines)
+            frame = protocol.event_frame_plain(b"".join((
+                _event_start(name), b"%d\n" % timestamp, self._channel_lines[self.answered],
+                *map(_plain_lines, extra))), body)
         else:
-            frame = protocol.event_frame([*headers, *self._channel_headers(), *extra], body,
-                                         self.event_format)
+            headers = [("Event-Name", name), ("Core-UUID", CORE_UUID),
+                       ("Event-Date-Timestamp", str(timestamp)), *self._channel_headers()]
+            for part in extra:
+                headers += part
+            frame = protocol.event_frame(headers, body, self.event_format)
         if self.held is not None:
             self.held.append(frame)
         else:
             self._write(frame)
 
     def _write(self, data: bytes) -> None:
-        with self.write_lock:
-            if not self.finished.is_set():   # nothing follows the disconnect notice
-                self._send(data)
+        """Write one frame with a send() of its own, as FreeSWITCH does (no sendall: gevent's
+        asks the kernel for the buffer size first, every time), unless the listener is done.
+        What the socket cannot take now waits, frames still apart, until it can (_flush)."""
+        if self.finished:
+            return
+        if self._unsent:
+            self._unsent.append(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self._unsent.append(data[sent:])
+            if self._writer is None:
+                self._writer = self._loop.io(self.sock.fileno(), 2)
+            self._writer.start(self._as_channel, self._flush)
 
-    def _send(self, data: bytes) -> None:
-        """Plain send() in a loop: gevent's sendall asks the kernel for the buffer size first,
-        every time (a syscall per frame in a load generator that is short of CPU)."""
-        while data:
-            data = data[self.sock.send(data):]
+    def _flush(self) -> None:
+        unsent = self._unsent
+        try:
+            while unsent:
+                sent = self.sock.send(unsent[0])
+                if sent < len(unsent[0]):
+                    unsent[0] = unsent[0][sent:]
+                    return
+                unsent.popleft()
+        except BlockingIOError:
+            return
+        except OSError:
+            unsent.clear()
+            self._writer.stop()
+            raise
+        self._writer.stop()
+        if self._shut_when_sent:
+            self.sock.shutdown(socket.SHUT_WR)
 
     def _record(self, outcome: str, detail: str) -> None:
         """The first outcome recorded is the call's outcome."""
         if not self.result.outcome:
             self.result.outcome, self.result.detail = outcome, detail
 
-    def _end(self, outcome: str, detail: str) -> None:
+    def _end(self, outcome: str, detail: str) -> NoReturn:
         self._record(outcome, detail)
         raise _CallEnded()
 
     # -- channel data -----------------------------------------------------------------------
 
-    def _channel_name(self) -> str:
-        return "loopback/9090-b"
-
     def _channel_headers(self) -> list[tuple[str, str]]:
-        return [("Unique-ID", self.uuid), ("Channel-Name", self._channel_name()),
-                ("Channel-State", "CS_EXECUTE"),
-                ("Answer-State", "answered" if self.answered else "ringing"),
-                ("Caller-Caller-ID-Name", "Simulated Caller"),
-                ("Caller-Caller-ID-Number", "0000000000"),
-                ("Caller-Destination-Number", "9090"), ("Caller-Context", "default")]
+        return [("Unique-ID", self.uuid), *_CHANNEL_HEADERS[self.answered]]
 
-    def _channel_data(self) -> list[tuple[str, str]]:
-        return [("Event-Name", "CHANNEL_DATA"), ("Core-UUID", CORE_UUID),
-                ("FreeSWITCH-Hostname", "simulator"),
-                ("Event-Date-Local", time.strftime("%Y-%m-%d %H:%M:%S")),
-                *self._channel_headers(), ("Channel-Call-State", "RINGING"),
-                ("variable_uuid", self.uuid), ("variable_socket_host", self.address[0]),
-                ("variable_current_application", "socket")]
+    def _connect_reply(self) -> bytes:
+        """The connect reply: the channel's data (CHANNEL_DATA) and the socket's mode."""
+        template = _connect_reply_template(time.strftime("%Y-%m-%d %H:%M:%S"), self.answered,
+                                           self.address[0], self.options.socket_mode,
+                                           self.options.control)
+        return template.replace(_UUID_PLACEHOLDER, self.uuid.encode())
 
 
-def _app_headers(app: str, arg: str, event_uuid: str | None) -> list[tuple[str, str]]:
-    """The headers naming an application in CHANNEL_EXECUTE and CHANNEL_EXECUTE_COMPLETE."""
-    headers = [("Application", app), ("Application-Data", arg)]
-    if event_uuid:
-        headers.append(("Application-UUID", event_uuid))
-    return headers
+_CHANNEL_NAME = "loopback/9090-b"
+# The channel's headers after its Unique-ID, by whether it was answered.
+_CHANNEL_HEADERS = {answered: (("Channel-Name", _CHANNEL_NAME), ("Channel-State", "CS_EXECUTE"),
+                               ("Answer-State", "answered" if answered else "ringing"),
+                               ("Caller-Caller-ID-Name", "Simulated Caller"),
+                               ("Caller-Caller-ID-Number", "0000000000"),
+                               ("Caller-Destination-Number", "9090"),
+                               ("Caller-Context", "default"))
+                    for answered in (False, True)}
+# ... and as a plain event's header lines.
+_CHANNEL_LINES = {answered: protocol.serialize_headers_plain(headers)
+                  for answered, headers in _CHANNEL_HEADERS.items()}
+
+
+def _uuid4() -> str:
+    """``str(uuid.uuid4())`` without a UUID object (that costs more than a command's reply):
+    random bits, version 4, the RFC 4122 variant."""
+    bits = int.from_bytes(os.urandom(16), "big") & _UUID4_CLEAR | _UUID4_SET
+    text = "%032x" % bits
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+# As uuid.UUID(version=4) sets them: the variant (10xx) and the version (0100).
+_UUID4_CLEAR = ~((0xc000 << 48) | (0xf000 << 64))
+_UUID4_SET = (0x8000 << 48) | (4 << 76)
+
+
+def _channel_data(uuid: str, answered: bool, host: str, date_local: str
+                  ) -> list[tuple[str, str]]:
+    return [("Event-Name", "CHANNEL_DATA"), ("Core-UUID", CORE_UUID),
+            ("FreeSWITCH-Hostname", "simulator"), ("Event-Date-Local", date_local),
+            ("Unique-ID", uuid), *_CHANNEL_HEADERS[answered], ("Channel-Call-State", "RINGING"),
+            ("variable_uuid", uuid), ("variable_socket_host", host),
+            ("variable_current_application", "socket")]
+
+
+# Stands for the call's uuid in _connect_reply_template. Every uuid serialises unchanged (no hex
+# digit or dash is url-encoded), so the call's own replaces it byte for byte; no call has it.
+_UUID_PLACEHOLDER = b"00000000-0000-0000-0000-000000000000"
+
+
+@functools.lru_cache(maxsize=16)
+def _connect_reply_template(date_local: str, answered: bool, host: str, socket_mode: str,
+                            control: str) -> bytes:
+    """The connect reply of every call of this second, with _UUID_PLACEHOLDER for its uuid
+    (serialising the 20-odd headers of CHANNEL_DATA for each call was a tenth of the work)."""
+    frame = protocol.connect_reply_frame(
+        _channel_data(_UUID_PLACEHOLDER.decode(), answered, host, date_local), socket_mode,
+        control)
+    assert frame.count(_UUID_PLACEHOLDER) == 2, "the placeholder is in the host name"
+    return frame
+
+
+def _app_headers(app: str, arg: str, event_uuid: str | None
+                 ) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """The headers naming an application in CHANNEL_EXECUTE and CHANNEL_EXECUTE_COMPLETE, in
+    parts for _emit: the app and its argument (the same in many calls), then its own uuid."""
+    headers = (("Application", app), ("Application-Data", arg)),
+    return headers + ((("Application-UUID", event_uuid),),) if event_uuid else headers
+
+
+@functools.lru_cache(maxsize=256)
+def _reply_frame(text: str) -> bytes:
+    """A command reply without extra headers; calls send the same few texts again and again."""
+    return protocol.reply_frame(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _event_start(name: str) -> bytes:
+    """A plain event's first header lines, up to its timestamp's value."""
+    return protocol.serialize_headers_plain([("Event-Name", name), ("Core-UUID", CORE_UUID)]
+                                            ) + b"Event-Date-Timestamp: "
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
+    """Header lines of a plain event, serialised once for all the calls and events that have
+    them (causes, responses, apps and their arguments; an app's uuid serves its two events)."""
+    return protocol.serialize_headers_plain(headers)
 
 
 def describe(command: Command) -> str:
@@ -557,39 +842,33 @@ def _address_family(host: str) -> int | None:
         return None
 
 
-def _dial(address: tuple[str, int], timeout: float):
-    """Connect as FreeSWITCH does, to a literal address without a resolver round trip (gevent's
-    create_connection resolves in a thread pool on every call: a sixth of the generator's CPU)."""
-    family = _address_family(address[0])
-    if family is None:
-        return gsocket.create_connection(address, timeout=timeout)
-    sock = gsocket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def run_load(address: tuple[str, int], calls: int, rate: float | None = None,
              concurrency: int | None = None, options: CallOptions | None = None,
              seed: int | None = None, on_result=None) -> LoadResult:
     """Offer ``calls`` calls, open loop at ``rate`` calls/s and/or at most ``concurrency`` at once.
 
-    ``on_result(result)`` is called as each call ends (for live progress).
+    ``on_result(result)`` is called as each call ends (for live progress), from the event loop:
+    it must not block on gevent.
     """
     options = options or CallOptions()
     rng = random.Random(seed)
-    group = Pool(concurrency) if concurrency else Pool()
     results: list[CallResult] = []
+    active = 0
+    call_ended = Event()   # set as each call ends, for a wait for a free slot or the last call
 
-    def one(call: SimulatedCall) -> None:
-        result = call.run()
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
+    def ended(result: CallResult, error: BaseException | None) -> None:
+        nonlocal active
+        active -= 1
+        call_ended.set()
+        if error is None:   # else it is raised on (and printed by the loop), uncounted
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+
+    def wait_while(busy) -> None:
+        while busy():
+            call_ended.clear()
+            call_ended.wait()
 
     start = time.monotonic()
     for index in range(calls):
@@ -597,6 +876,10 @@ def run_load(address: tuple[str, int], calls: int, rate: float | None = None,
             delay = start + index / rate - time.monotonic()
             if delay > 0:
                 gevent.sleep(delay)
-        group.spawn(one, SimulatedCall(address, options, random.Random(rng.random())))
-    group.join()
+        call = SimulatedCall(address, options, random.Random(rng.random()))
+        if concurrency:
+            wait_while(lambda: active >= concurrency)
+        active += 1
+        call._start(ended)
+    wait_while(lambda: active)
     return LoadResult(results, time.monotonic() - start)

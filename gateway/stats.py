@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gateway import __version__, listeners
+from gateway.ipc import BACKEND_COUNTERS
 from gateway.backoff import per_death
 
 # struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked, sacked. On a
@@ -35,7 +36,31 @@ COUNTERS = (("calls", "calls", "calls accepted"),
              "calls closed for malformed frames from FreeSWITCH"),
             ("events", "events", "events received from FreeSWITCH"),
             ("commands", "commands", "commands sent"),
-            ("accept_errors", "accept_errors", "accept() failures (EMFILE and the like)"))
+            ("accept_errors", "accept_errors", "accept() failures (EMFILE and the like)"),
+            ("unprotected", "calls_unprotected",
+             "calls whose socket could not be passed to the master (they die with their worker)"),
+            ("resumed", "calls_resumed",
+             "orphaned calls a live worker took over and gave to the --resume hook"),
+            ("resumed_fallback", "calls_resumed_fallback",
+             "orphaned calls a live worker took over and ended with --orphan-action"),
+            ("resumed_gone", "calls_resumed_gone",
+             "orphaned calls whose FreeSWITCH side had ended before a worker took them over"),
+            ("resumed_failed", "calls_resumed_failed",
+             "orphaned calls a live worker failed to take over"))
+
+
+# (totals key and metric name, metric type, help): figures the master itself keeps.
+TOTALS = (("calls_active", GaugeMetricFamily, "calls in progress"),
+          ("calls_lost", CounterMetricFamily,
+           "calls a worker's death ended: not protected, or not resumed"),
+          ("calls_orphaned", CounterMetricFamily,
+           "calls in progress on a worker that died or closed, handed to live workers"),
+          ("calls_orphaned_now", GaugeMetricFamily, "orphaned calls waiting for a live worker"),
+          ("calls_held", GaugeMetricFamily, "call sockets the master holds a copy of"),
+          ("worker_deaths", CounterMetricFamily,
+           "worker exits that were not planned (crashes, the app's own exits, kills, hangs, "
+           "boot errors)"),
+          ("worker_deaths_per_minute", GaugeMetricFamily, "worker deaths in the last 60 s"))
 
 
 def accept_queue(sock: socket.socket) -> tuple[int, int]:
@@ -107,8 +132,11 @@ def snapshot(master) -> dict:
     totals = {key: master.dead_totals[key] + sum(c[key] for c in live.values())
               for key, _, _ in COUNTERS}
     totals["calls_active"] = sum(w["calls_active"] for w in workers)
-    # Calls in progress on a worker when it died: the only calls a worker's death costs.
-    totals["calls_lost"] = master.dead_totals["active"]
+    # What workers' deaths did to the calls in progress on them.
+    totals["calls_orphaned"] = master.calls_orphaned
+    totals["calls_orphaned_now"] = len(master.orphans)
+    totals["calls_held"] = sum(len(w.held) for w in master.workers.values())
+    totals["calls_lost"] = master.calls_lost + totals["resumed_failed"]
     backoff = master.backoff
     totals["worker_deaths"] = backoff.deaths_total
     totals["worker_deaths_per_minute"] = backoff.deaths_per_minute(now)
@@ -134,6 +162,7 @@ def snapshot(master) -> dict:
         - master.listen_baseline.get("ListenDrops", 0),
         "workers": workers,
         "slots": slots(master, live, now),
+        "proxy": proxy_view(master),
         "totals": totals,
         "worker_exits": dict(master.exit_counts),
         "exits": [dict(exit, traceback=_last_lines(exit.get("traceback")))
@@ -141,6 +170,34 @@ def snapshot(master) -> dict:
     }
     view["health"] = health(view, config.health_queue_limit)
     return view
+
+
+def proxy_view(master) -> dict | None:
+    """Proxy mode: each backend's figures (all workers, dead ones included), the calls waiting
+    for one now, and the recent relays (which backend served which FreeSWITCH peer)."""
+    config = master.config
+    if not config.proxy:
+        return None
+    backends = {address: dict(master.dead_backends.get(address, {})) for address in
+                config.proxy}
+    waiting, recent = 0, []
+    for record in master.workers.values():
+        report = record.proxy or {}
+        waiting += report.get("waiting", 0)
+        recent += report.get("recent", [])
+        for address, figures in report.get("backends", {}).items():
+            into = backends.setdefault(address, {})
+            for key in BACKEND_COUNTERS:
+                into[key] = into.get(key, 0) + figures.get(key, 0)
+            for key in ("answered_ago", "failed_ago"):   # the most recent, over workers
+                ago, seen = figures.get(key), into.get(key)
+                if ago is not None:
+                    into[key] = ago if seen is None else min(ago, seen)
+    for figures in backends.values():
+        for key in BACKEND_COUNTERS:
+            figures.setdefault(key, 0)
+    return {"backends": backends, "waiting": waiting, "recent": recent[-50:],
+            "backend_wait": config.backend_wait}
 
 
 def slots(master, live: dict, now: float) -> list[dict]:
@@ -182,6 +239,18 @@ def health(view: dict, queue_limit: int) -> dict:
     if backed_up:
         return {"ok": False, "reason": f"accept queue of {', '.join(backed_up)} at or above "
                                        f"{queue_limit}"}
+    proxy = view["proxy"]
+    if proxy is not None:
+        window = proxy["backend_wait"]
+        figures = proxy["backends"].values()
+        answered = min((f["answered_ago"] for f in figures if f.get("answered_ago") is not None),
+                       default=None)
+        failed = min((f["failed_ago"] for f in figures if f.get("failed_ago") is not None),
+                     default=None)
+        # Failing since the last answer, and that answer (if any) is older than backend_wait.
+        if failed is not None and (answered is None or failed < answered) and \
+                (answered is None or answered > window):
+            return {"ok": False, "reason": f"no backend has answered for {window:.0f}s"}
     return {"ok": True, "reason": f"{len(ready)} worker(s) ready"}
 
 
@@ -230,18 +299,8 @@ class _SnapshotCollector:
             yield CounterMetricFamily(f"esl_gateway_{name}", f"{what}, all workers ever",
                                       value=view["totals"][key])
         totals = view["totals"]
-        yield GaugeMetricFamily("esl_gateway_calls_active", "calls in progress",
-                                value=totals["calls_active"])
-        yield CounterMetricFamily("esl_gateway_calls_lost",
-                                  "calls in progress on a worker when it died",
-                                  value=totals["calls_lost"])
-        yield CounterMetricFamily("esl_gateway_worker_deaths",
-                                  "worker exits that were not planned (crashes, the app's own "
-                                  "exits, kills, hangs, boot errors)",
-                                  value=totals["worker_deaths"])
-        yield GaugeMetricFamily("esl_gateway_worker_deaths_per_minute",
-                                "worker deaths in the last 60 s",
-                                value=totals["worker_deaths_per_minute"])
+        for key, family, what in TOTALS:
+            yield family(f"esl_gateway_{key}", what, value=totals[key])
         if totals["calls_per_death"] is not None:
             yield GaugeMetricFamily("esl_gateway_calls_per_death",
                                     "calls completed per worker death, since the master started",

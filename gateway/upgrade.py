@@ -32,7 +32,7 @@ def read_state(fd: int) -> dict:
     chunks = []
     while chunk := os.read(fd, 1 << 20):
         chunks.append(chunk)
-    return msgpack.unpackb(b"".join(chunks), raw=False)
+    return msgpack.unpackb(b"".join(chunks), raw=False, strict_map_key=False)   # call ids
 
 
 def inherited_state() -> tuple[dict | None, bool]:

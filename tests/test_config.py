@@ -67,3 +67,35 @@ def test_readme_settings_table_is_generated_from_declarations():
     """The README documents exactly the declared settings (regenerate with python -m gateway.config)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert config.settings_table() in readme
+
+
+def test_the_example_proxy_config_file_is_valid():
+    """deploy/esl-gateway-proxy.ini: proxy mode, no app."""
+    path = Path(__file__).parent.parent / "deploy" / "esl-gateway-proxy.ini"
+    cfg = config.resolve(parse(["-c", str(path)]), {})
+    assert cfg.app is None and cfg.proxy == ["127.0.0.1:9191"] and cfg.backend_wait == 20
+
+
+@pytest.mark.parametrize("text, kind, argument", [
+    ("hangup", "hangup", "NORMAL_CLEARING"), ("hangup:user_busy", "hangup", "USER_BUSY"),
+    ("dialplan", "dialplan", None), ("transfer:1000", "transfer", "1000"),
+    ("transfer:1000:XML:default", "transfer", "1000 XML default"),
+])
+def test_call_actions(text, kind, argument):
+    """--on-handler-error and --orphan-action: what each spelling means."""
+    action = config.call_action(text)
+    assert (action.kind, action.argument) == (kind, argument)
+    assert config.call_action(str(action)) == action
+
+
+@pytest.mark.parametrize("text", ["hangup:no such", "transfer", "transfer:1:XML", "park"])
+def test_bad_call_actions_are_refused(text):
+    with pytest.raises(ValueError):
+        config.call_action(text)
+
+
+def test_an_app_or_a_proxy_not_both():
+    with pytest.raises(config.ConfigError, match="not both"):
+        config.resolve(parse(["x:y", "--proxy", "127.0.0.1:9191"]), {})
+    assert config.resolve(parse(["--proxy", "unix:/run/ivr.sock"]), {}).proxy == [
+        "unix:/run/ivr.sock"]

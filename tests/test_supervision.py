@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from datetime import datetime
+from pathlib import Path
 
 import gevent
 import pytest
@@ -48,14 +49,18 @@ def log_times(gateway, pattern):
     return stamps
 
 
-@pytest.mark.parametrize("rate, exit_code", [(200, 1), (500, 1), (200, 3)])
-def test_a_sporadic_crash_costs_only_the_calls_in_flight(start_gateway, rate, exit_code):
+@pytest.mark.parametrize("rate, exit_code, survival", [
+    (200, 1, "off"), (500, 1, "off"), (200, 3, "off"), (200, 1, "on"), (500, 1, "on")])
+def test_a_sporadic_crash_costs_only_the_calls_in_flight(start_gateway, rate, exit_code,
+                                                         survival):
     """1 % of calls kill their worker with os._exit, 10 % raise, at production rates for 10 s:
-    nothing is refused or times out, first bytes stay fast, every failed call was in flight on
-    a worker that died, every raising call is hung up, and no slot is ever taken for a crash
-    loop: each worker completed calls before it died. os._exit(3) is a crash like any other,
-    not a boot error."""
+    nothing is refused or times out, first bytes stay fast, every raising call is hung up, and
+    no slot is ever taken for a crash loop: each worker completed calls before it died.
+    os._exit(3) is a crash like any other, not a boot error. Without call survival every failed
+    call was in flight on a worker that died; with it, every call completes: the calls of a
+    dead worker are taken over by a live one and hung up (--orphan-action)."""
     gateway = start_gateway(app="faulty:handle", workers=2,
+                            args=["--call-survival", survival],
                             env={"FAULTY_EXIT_CODE": str(exit_code)})
     result = offer(gateway.address, calls=rate * 10, rate=rate, procs=2,
                    options=CallOptions(playback_ms=0))
@@ -65,10 +70,11 @@ def test_a_sporadic_crash_costs_only_the_calls_in_flight(start_gateway, rate, ex
     died = {e["pid"] for e in deaths}
     fate = {r.uuid: r.variables.get("test_fate") for r in result.results}
     first_byte_p99 = result.percentile("first_byte_ms", 0.99)
-    print(f"\nsporadic crash at {rate}/s, exit {exit_code}:", counts,
+    print(f"\nsporadic crash at {rate}/s, exit {exit_code}, survival {survival}:", counts,
           f"first byte p99 {first_byte_p99:.1f} ms, {len(died)} deaths,",
-          f"{view['totals']['calls_lost']} calls lost by the gateway's count,",
-          f"{view['totals']['calls_per_death']} completed per death")
+          f"{view['totals']['calls_lost']} calls lost and {view['totals']['calls_orphaned']}",
+          f"orphaned by the gateway's count, {view['totals']['calls_per_death']} completed",
+          "per death")
     assert counts["refused"] == counts["timeout"] == counts["protocol_error"] == 0
     assert first_byte_p99 <= 50
     assert died and {e["classification"] for e in deaths} == {"crashed"}, deaths[:3]
@@ -78,10 +84,15 @@ def test_a_sporadic_crash_costs_only_the_calls_in_flight(start_gateway, rate, ex
     failed = result.failures()
     assert all(call.served_by in died or call.served_by is None for call in failed), failed[:3]
     assert len(failed) <= view["totals"]["calls_lost"]
+    if survival == "on":
+        assert not failed and view["totals"]["calls_lost"] == 0
+        assert view["totals"]["resumed_fallback"] + view["totals"]["resumed_gone"] == \
+            view["totals"]["calls_orphaned"] > 0
     survivors = [r for r in result.results if r.outcome == "completed"]
+    # Raising calls and orphaned ones are hung up with TEMPORARY_FAILURE, the others normally.
     assert all(r.hangup_cause == "TEMPORARY_FAILURE" for r in survivors
-               if fate[r.uuid] == "raise")
-    assert all(r.hangup_cause == "NORMAL_CLEARING" for r in survivors if fate[r.uuid] == "ok")
+               if fate[r.uuid] != "ok")
+    assert all(r.hangup_cause in ("NORMAL_CLEARING", "TEMPORARY_FAILURE") for r in survivors)
     # Every death was replaced at once: never a crash loop, however often workers died.
     assert "crash-looping" not in gateway.log()
     assert all(slot["unserved_in_a_row"] <= 1 for slot in view["slots"])
@@ -132,6 +143,53 @@ def test_a_crash_on_every_call_is_a_crash_loop(start_gateway):
     assert gateway.cpu_seconds() - master_cpu < 0.05 * elapsed + 0.2
     status, body = gateway.http_get("/metrics")
     assert b"esl_gateway_slot_unserved_deaths{" in body
+
+
+class MemoryCgroup:
+    """A memory cgroup of the test's own (cgroup v1 or v2), to let the kernel's OOM killer end
+    one worker for real."""
+
+    def __init__(self, limit_bytes: int):
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+        name = f"esl-gateway-test-{os.getpid()}"
+        if v2.exists() and "memory" in v2.read_text().split():
+            self.path, limit_file = Path("/sys/fs/cgroup") / name, "memory.max"
+        elif Path("/sys/fs/cgroup/memory/cgroup.procs").exists():
+            self.path, limit_file = Path("/sys/fs/cgroup/memory") / name, "memory.limit_in_bytes"
+        else:
+            pytest.skip("no memory cgroup controller here")
+        try:
+            self.path.mkdir()
+            (self.path / limit_file).write_text(str(limit_bytes))
+        except OSError as exc:
+            pytest.skip(f"cannot make a memory cgroup here: {exc}")
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        self.path.rmdir()
+
+
+def test_an_oom_kill_is_classified_as_such(start_gateway):
+    """A worker the kernel's OOM killer ends (a leak in one call, inside a 256 MiB cgroup) is
+    reported as oom_killed, not as an operator's SIGKILL, and is replaced at once."""
+    gateway = start_gateway(app="faulty:handle_hog", workers=1)
+    [worker] = gateway.worker_pids()
+    cgroup = MemoryCgroup(256 * 2**20)
+    try:
+        cgroup.add(worker)
+        (gateway.workdir / "hog-once").touch()
+        hogging = SimulatedCall(gateway.address, CallOptions(), random.Random(3)).run()
+        assert hogging.outcome in ("early_close", "reset")
+        gateway.wait_for_log(rf"worker 1 \(pid {worker}, gen 1\) was killed by SIGKILL while the "
+                             r"kernel's OOM killer ran")
+    finally:
+        wait_until(lambda: not Path(f"/proc/{worker}").exists(), 10, "the hog gone")
+        cgroup.remove()
+    [exit] = [e for e in gateway.stats()["exits"] if e["pid"] == worker]
+    assert (exit["classification"], exit["signal"]) == ("oom_killed", signal.SIGKILL)
+    assert run_load(gateway.address, calls=10, rate=50).counts()["completed"] == 10
 
 
 def test_blocked_worker_is_replaced_with_its_stack_logged(start_gateway):

@@ -37,6 +37,7 @@ class WorkerSpec:
     listeners: list[socket.socket]
     channel: socket.socket   # this worker's end of its socketpair with the master
     counters: CounterBlock   # this worker's page of shared counters
+    ledger: socket.socket    # where it passes the master a copy of each call's socket
     # Blocked since before fork(); the worker unblocks them once its own handlers are in place.
     blocked_signals: set[int]
 

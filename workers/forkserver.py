@@ -51,7 +51,7 @@ class ForkServer:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.template.blocked_signals)
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self.channel, 65536, 2)
+                data, fds, _, _ = socket.recv_fds(self.channel, 65536, 3)
             except OSError:
                 data = b""
             if not data:
@@ -60,7 +60,7 @@ class ForkServer:
             self._fork(fork, waitpid, int(message["slot"]), str(message["worker_class"]), fds)
 
     def _fork(self, fork, waitpid, slot: int, worker_class: str, fds: list[int]) -> None:
-        channel_fd, counters_fd = fds
+        channel_fd, counters_fd, ledger_fd = fds
         # Blocked from before fork() until the worker has its own handlers, as the master does.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.template.blocked_signals)
         helper = fork()
@@ -74,7 +74,9 @@ class ForkServer:
                         self.template, slot=slot,
                         channel=self._socket_type(socket.AF_UNIX, socket.SOCK_STREAM,
                                                   fileno=channel_fd),
-                        counters=CounterBlock(counters_fd))
+                        counters=CounterBlock(counters_fd),
+                        ledger=self._socket_type(socket.AF_UNIX, socket.SOCK_STREAM,
+                                                 fileno=ledger_fd))
                     child_main(spec, worker_class)
                 block = CounterBlock(counters_fd)
                 block.values[INDEX["pid"]] = worker

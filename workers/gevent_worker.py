@@ -10,13 +10,17 @@ for the master.
 
 from __future__ import annotations
 
+import _socket
 import faulthandler
 import logging
 import os
 import random
 import signal
+import socket
+import sys
 import time
 import traceback
+from socket import SCM_RIGHTS, SOL_SOCKET
 
 import gevent
 from gevent import monkey
@@ -30,6 +34,7 @@ from gateway.session import Counters, ESLError, SessionClosed, Session, SessionS
 from workers.acceptor import Acceptor
 from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, exit_status, set_title
 from workers.loop_watchdog import LoopWatchdog
+from workers.proxy import Backends, ProxiedCall
 
 log = logging.getLogger("esl_gateway.worker")
 
@@ -37,8 +42,10 @@ HEARTBEAT_INTERVAL = 1.0   # at most; a short --timeout needs several heartbeats
 QUICK_STOP_SECONDS = 2.0
 MAX_BLOCKING_REPORT = 1.0   # the watchdog writes the stack of a loop blocked this long
 HANGUP_WAIT = 5.0   # after hanging up a call the handler failed, wait this long for the hangup
-CALLS, COMPLETED, FAILED, ACTIVE, SERVED = (INDEX[name] for name in
-                                            ("calls", "completed", "failed", "active", "served"))
+CALLS, COMPLETED, FAILED, ACTIVE, SERVED, UNPROTECTED = (
+    INDEX[name] for name in ("calls", "completed", "failed", "active", "served", "unprotected"))
+RESUMED, RESUMED_FALLBACK, RESUMED_GONE, RESUMED_FAILED = (
+    INDEX[name] for name in ("resumed", "resumed_fallback", "resumed_gone", "resumed_failed"))
 
 
 class GeventWorker:
@@ -52,8 +59,12 @@ class GeventWorker:
         self._exit_code = EXIT_OK
         self.watchdog = LoopWatchdog(MAX_BLOCKING_REPORT)
         self.started = time.time()
-        self.sessions: set[Session] = set()
-        self.calls: set[gevent.Greenlet] = set()   # one per accepted call, until it ends
+        self.sessions: dict[int, Session] = {}   # by call id
+        self.calls: dict[gevent.Greenlet, int] = {}   # one per call, until it ends: its call id
+        self.ledger = spec.ledger   # copies of our calls' sockets go to the master (gateway.ipc)
+        self.ledger.setblocking(False)   # a full ledger costs a call its survival, not a wait
+        self._handed_over: set[int] = set()   # call ids left to the master for another worker
+        self._master_fds: list[int] = []   # sockets the master sent, not yet taken by a message
         self._stop = Flag()
         self._graceful = True
         self._stop_reason = ""
@@ -76,13 +87,15 @@ class GeventWorker:
         self._title()
         self._install_signals()
         try:
-            self.app = load_app(self.config.app)
+            self.app = load_app(self.config.app) if self.config.app else None
+            self.resume_hook = load_app(self.config.resume) if self.config.resume else None
         except BaseException:
             text = traceback.format_exc()
             log.error("worker %s cannot load app %s:\n%s", self.spec.slot or "spare",
                       self.config.app, text)
             self._send("boot_error", traceback=text)
             return EXIT_BOOT_ERROR
+        self.proxy = Backends(self.config.proxy) if self.config.proxy else None
         self.settings = SessionSettings(
             command_timeout=self.config.command_timeout, wait_timeout=self.config.wait_timeout,
             linger=self.config.linger,
@@ -175,9 +188,16 @@ class GeventWorker:
         return self._exit_code
 
     def _close_calls(self, why: str) -> None:
-        """End every call now, one log line each: nothing is cut silently."""
-        for session in list(self.sessions):
-            log.warning("[%s] closing call still up: %s", session.uuid, why)
+        """End every call now, one log line each: nothing is cut silently. With a resume hook
+        the calls are not ended but left to the master (detached, no FIN), which hands them to
+        a worker of the serving generation."""
+        for call_id, session in list(self.sessions.items()):
+            if self.resume_hook is not None and call_id in self.calls.values():
+                log.warning("[%s] handing the call over to another worker: %s", session.uuid, why)
+                self._handed_over.add(call_id)
+                session.detach(f"handed over to another worker: {why}")
+            else:
+                log.warning("[%s] closing call still up: %s", session.uuid, why)
         try:
             gevent.killall(list(self.calls), timeout=QUICK_STOP_SECONDS)
         except gevent.Timeout:
@@ -189,26 +209,47 @@ class GeventWorker:
         """From the acceptor (a loop callback): start the call's greenlet, and stop accepting
         while the worker is full."""
         self.calls_total += 1
+        call_id = self.calls_total
         scores = self.scores
         scores[CALLS] += 1
-        call = gevent.spawn(self._serve_call, conn)
-        call.rawlink(self._call_ended)   # also when killed before it ever ran
-        self.calls.add(call)
-        scores[ACTIVE] = len(self.calls)
-        if len(self.calls) >= self.config.worker_connections:
-            self.acceptor.set_full(True)
+        if self.config.call_survival:
+            try:   # one sendmsg: the master holds a copy of the socket from now on
+                self.ledger.sendmsg([ipc.ledger_record(ipc.OPENED, call_id)], [
+                    (SOL_SOCKET, SCM_RIGHTS, conn.fileno().to_bytes(4, sys.byteorder))])
+            except OSError as exc:
+                scores[UNPROTECTED] += 1
+                log.warning("call %d cannot be handed to the master (%s): it will not survive "
+                            "this worker's death", call_id, exc)
+        self._add_call(self._proxy_call if self.proxy else self._serve_call, conn, call_id)
         if self.max_calls and self.calls_total >= self.max_calls:
             self.stop("recycled", f"served its {self.max_calls} calls (--max-calls)", True)
 
+    def _add_call(self, serve, conn, call_id: int, *args) -> None:
+        """Run ``serve(conn, call_id, *args)`` in the call's greenlet; stop accepting while the
+        worker is full."""
+        call = gevent.spawn(serve, conn, call_id, *args)
+        call.rawlink(self._call_ended)   # also when killed before it ever ran
+        self.calls[call] = call_id
+        self.scores[ACTIVE] = len(self.calls)
+        if len(self.calls) >= self.config.worker_connections:
+            self.acceptor.set_full(True)
+
     def _call_ended(self, call) -> None:
-        self.calls.discard(call)
+        call_id = self.calls.pop(call)
+        if call_id in self._handed_over:
+            self._handed_over.discard(call_id)
+        elif self.config.call_survival:
+            try:   # the master closes its copy of the socket
+                self.ledger.send(ipc.ledger_record(ipc.CLOSED, call_id))
+            except OSError:
+                pass   # the master is gone (or not reading): it learns at our exit
         self.scores[ACTIVE] = len(self.calls)
         if len(self.calls) < self.config.worker_connections:
             self.acceptor.set_full(False)
 
-    def _serve_call(self, conn) -> None:
+    def _serve_call(self, conn, call_id: int) -> None:
         session = Session(conn, self.settings, self.counters)
-        self.sessions.add(session)
+        self.sessions[call_id] = session
         completed = False
         try:
             try:
@@ -232,28 +273,110 @@ class GeventWorker:
                 self.scores[INDEX["handler_exceptions"]] += 1
                 log.exception("[%s] handler %s raised; %s (--on-handler-error)", session.uuid,
                               self.config.app, _describe(self.config.on_handler_error))
-                self._give_up(session)
+                self._give_up(session, self.config.on_handler_error)
         except Exception:
             log.exception("[%s] call setup failed; ending this call", session.uuid)
         finally:
-            self.sessions.discard(session)
-            session.close("the handler returned")
+            self._end_call(call_id, session, completed)
+
+    def _end_call(self, call_id: int, session: Session, completed: bool) -> None:
+        del self.sessions[call_id]
+        session.close("the handler returned")
+        self.scores[COMPLETED if completed else FAILED] += 1
+        if completed:
+            self._served()
+        self._update_scores()
+
+    def _proxy_call(self, conn, call_id: int, resumed: bool = False) -> None:
+        """Proxy mode: relay the call to a backend (workers.proxy)."""
+        completed = False
+        try:
+            completed = ProxiedCall(conn, self.proxy, self.config, self.settings,
+                                    self.counters).run(resumed)
+        except Exception:
+            log.exception("relaying call %d failed; ending it", call_id)
+        finally:
+            conn.close()
             self.scores[COMPLETED if completed else FAILED] += 1
             if completed:
                 self._served()
             self._update_scores()
 
-    def _give_up(self, session: Session) -> None:
-        """End a call whose handler failed the way --on-handler-error says: hang it up and wait
-        (bounded) until FreeSWITCH confirms, or leave it to the dialplan by just closing."""
-        action = self.config.on_handler_error
-        if action.kind != "hangup" or session.hungup or session.closed:
+    def _resume_call(self, conn, call_id: int, origin: str) -> None:
+        """Take over a call whose worker died (or whose generation had to close): realign the
+        stream, read the channel afresh, restore what the session must know (linger, events),
+        then run the resume hook, or --orphan-action without one. In proxy mode, a backend
+        takes it over as a new call."""
+        if self.proxy:
+            self.scores[RESUMED] += 1
+            log.warning("resumed call %s (%s): relaying it to a backend as a new call", call_id,
+                        origin)
+            self._proxy_call(conn, call_id, resumed=True)
+            return
+        session = Session(conn, self.settings, self.counters)
+        self.sessions[call_id] = session
+        completed = False
+        scores = self.scores
+        try:
+            try:
+                session.reattach()
+            except SessionClosed as exc:
+                scores[RESUMED_GONE] += 1
+                log.info("call %s (%s) had ended before it could be resumed: %s", call_id,
+                         origin, exc)
+                return
+            if session.hungup:   # the fresh CHANNEL_DATA says the channel is down
+                scores[RESUMED_GONE] += 1
+                log.info("[%s] call %s (%s) had hung up before it could be resumed",
+                         session.uuid, call_id, origin)
+                return
+            if session.full:
+                session.linger()
+            session.ensure_events()
+            if self.resume_hook is None:
+                scores[RESUMED_FALLBACK] += 1
+                log.warning("[%s] resumed call (%s): no --resume hook, so %s (--orphan-action)",
+                            session.uuid, origin, _describe(self.config.orphan_action))
+                self._give_up(session, self.config.orphan_action)
+                completed = True
+                return
+            scores[RESUMED] += 1
+            log.warning("[%s] resumed call (%s) in worker %d, generation %d", session.uuid,
+                        origin, self.spec.slot, self.spec.generation)
+            try:
+                self.resume_hook(session)
+                completed = True
+            except SessionClosed as exc:
+                completed = True
+                log.info("[%s] resumed call ended under the resume hook: %s", session.uuid, exc)
+            except Exception:
+                self.scores[INDEX["handler_exceptions"]] += 1
+                log.exception("[%s] resume hook %s raised; %s (--on-handler-error)",
+                              session.uuid, self.config.resume,
+                              _describe(self.config.on_handler_error))
+                self._give_up(session, self.config.on_handler_error)
+        except Exception:
+            scores[RESUMED_FAILED] += 1
+            log.exception("[%s] resuming call %s (%s) failed; ending it", session.uuid, call_id,
+                          origin)
+        finally:
+            self._end_call(call_id, session, completed)
+
+    def _give_up(self, session: Session, action) -> None:
+        """End a call the gateway cannot go on with as ``action`` says (--on-handler-error,
+        --orphan-action): hang it up or transfer it, and wait (bounded) until FreeSWITCH has
+        done it; for ``dialplan`` just close, so the dialplan runs its next action."""
+        if action.kind == "dialplan" or session.hungup or session.closed:
             return
         try:
-            session.hangup(action.cause)
-            session.wait_hungup(HANGUP_WAIT)
+            if action.kind == "hangup":
+                session.hangup(action.argument)
+                session.wait_hungup(HANGUP_WAIT)
+            else:   # transfer: the channel leaves the socket app for another extension
+                session.execute("transfer", action.argument, wait=False)
+                session.wait_closed(HANGUP_WAIT)
         except ESLError as exc:
-            log.info("[%s] could not hang up after the handler failed: %s", session.uuid, exc)
+            log.info("[%s] could not carry out %s: %s", session.uuid, action, exc)
 
     def _app_exit(self, session: Session, exc: SystemExit) -> None:
         """The handler called sys.exit(): the app wants this process gone. The call ends as
@@ -266,7 +389,7 @@ class GeventWorker:
                   self.config.app, exc.code, _describe(self.config.on_handler_error), code,
                   text.rstrip())
         self._send("app_exit", code=code, traceback=text)
-        self._give_up(session)
+        self._give_up(session, self.config.on_handler_error)
         if not self._stop.is_set():
             self._exit_code = code
             self.stop("app_exit", f"the app called sys.exit({exc.code!r})", True)
@@ -299,7 +422,10 @@ class GeventWorker:
         """The master's proof that this loop turns; also the clock for "held a call a while"."""
         interval = min(HEARTBEAT_INTERVAL, (self.config.timeout or HEARTBEAT_INTERVAL) / 4)
         while True:
-            self._send("hb")
+            if self.proxy:
+                self._send("hb", proxy=self.proxy.report())
+            else:
+                self._send("hb")
             self._update_scores()
             if not self.scores[SERVED]:
                 if self._held.isdisjoint(self.calls):
@@ -315,15 +441,21 @@ class GeventWorker:
         reader = ipc.MessageReader()
         while True:
             try:
-                data = self.channel.recv(4096)
+                data, fds, _, _ = socket.recv_fds(self.channel, 65536, 64)
             except OSError:
-                data = b""
+                data, fds = b"", []
             if not data:
                 self.stop("orphaned", "lost its master", True)
                 return
+            self._master_fds += fds
             for message in reader.feed(data):
-                if message.get("t") == "serve" and self._state == "spare":
+                kind = message.get("t")
+                if kind == "serve" and self._state == "spare":
                     self._serve(int(message["slot"]))
+                elif kind == "resume":
+                    conn = _socket.socket(fileno=self._master_fds.pop(0))
+                    self._add_call(self._resume_call, conn, int(message["id"]),
+                                   str(message.get("origin", "")))
 
     def _send(self, kind: str, **fields) -> None:
         fields.setdefault("pid", os.getpid())
@@ -346,8 +478,11 @@ class GeventWorker:
 
 
 def _describe(action) -> str:
-    return ("hanging the call up (%s)" % action.cause if action.kind == "hangup"
-            else "handing the call back to the dialplan")
+    if action.kind == "hangup":
+        return f"hanging the call up ({action.argument})"
+    if action.kind == "transfer":
+        return f"transferring the call to {action.argument}"
+    return "handing the call back to the dialplan"
 
 
 def prepare() -> None:

@@ -73,3 +73,15 @@ def handle_slow_io(session):
     while time.monotonic() - started < 4:
         session.next_event(timeout=0.5)
     ivr(session)
+
+
+def handle_hog(session):
+    """Allocates memory without bound in the call that finds ./hog-once: a leak the kernel's OOM
+    killer ends (the test confines the worker to a small memory cgroup first)."""
+    subscribe_and_report(session)
+    if os.path.exists("hog-once"):
+        os.remove("hog-once")
+        hoard = []
+        while True:
+            hoard.append(bytearray(16 * 1024 * 1024))
+    ivr(session)
