@@ -19,6 +19,14 @@ The rule, judged by what a worker did, never by how long it lived:
   longer, einhorn-style: 1 s, 1.5 s, 2.25 s ... capped at 30 s. That is a **crash loop**: the slot
   neither forks hot nor fills the log, while the master, the port and the other slots carry on.
   One worker that serves ends the loop.
+* A worker that took calls and died before it served, **while a sibling of its generation has
+  served and is still up**, is replaced at once as well: the app demonstrably loads and completes calls right
+  now, so this death is a sporadic crash that came early. At 500 calls/s and 1 % crashing calls
+  a fresh worker takes several calls before its first completes, and about one in ten dies
+  first; judged alone, two such deaths in a row would take the slot for a crash loop in most
+  10-second runs. A crash on every call leaves no sibling that served; a worker that cannot
+  boot (a broken deploy of a file it reads, while its sibling serves on what it loaded before)
+  took no call.
 * A worker stopped on purpose (drained, recycled, stopped) or killed from outside (an operator's
   SIGKILL, not the app's fault) says nothing about the app: it neither extends nor ends a loop.
 
@@ -66,16 +74,17 @@ class RespawnBackoff:
         self.deaths_total = 0
 
     def vacated(self, slot, *, app_fault: bool, served: bool, now: float,
-                detail: str = "") -> float:
+                detail: str = "", sibling_serves: bool = False) -> float:
         """Apply the rule; return how long the slot must wait before its next spawn.
 
         ``app_fault``: the app ended the worker (it crashed, exited, hung or could not boot);
         a planned exit or a kill from outside leaves the slot's record as it was.
+        ``sibling_serves``: the worker took calls, and a live one of its generation has served.
         """
         history = self.slots.setdefault(slot, SlotHistory())
         if not app_fault:
             return max(history.not_before - now, 0.0)
-        if served:
+        if served or sibling_serves:
             history.unserved_in_a_row, history.not_before, history.loop_reason = 0, 0.0, None
             return 0.0
         history.unserved_in_a_row += 1

@@ -158,6 +158,7 @@ class Master:
         # The counters of workers that are gone.
         self.dead_totals = dict.fromkeys(FIELDS, 0)
         self.dead_backends: dict[str, dict] = {}   # proxy mode: dead workers' backend counts
+        self.dead_gave_up = 0
         self.oom_kills = stats.oom_kills()   # the kernel's count, to tell OOM kills from others
         self.reloads = self.reload_failures = self.upgrades = self.upgrade_failures = 0
         self.last_deploy_error: dict | None = None
@@ -556,7 +557,7 @@ class Master:
             "generation": self.generation,
             "exits": list(self.exits),
             "dead_totals": self.dead_totals,
-            "dead_backends": self.dead_backends,
+            "dead_backends": self.dead_backends, "dead_gave_up": self.dead_gave_up,
             "counts": [self.reloads, self.reload_failures, self.upgrades, self.upgrade_failures],
             "last_deploy_error": self.last_deploy_error,
             "started_at": self.started_at,
@@ -597,7 +598,7 @@ class Master:
         self.generation = state["generation"]
         self.exits.extend(state["exits"])
         self.dead_totals.update(state["dead_totals"])
-        self.dead_backends = state["dead_backends"]
+        self.dead_backends, self.dead_gave_up = state["dead_backends"], state["dead_gave_up"]
         self.reloads, self.reload_failures, self.upgrades, self.upgrade_failures = state["counts"]
         self.last_deploy_error = state["last_deploy_error"]
         self.started_at = state["started_at"]
@@ -1003,6 +1004,7 @@ class Master:
         record.block.close()
         for key in FIELDS:
             self.dead_totals[key] += counters[key]
+        self.dead_gave_up += (record.proxy or {}).get("gave_up", 0)
         for address, figures in (record.proxy or {}).get("backends", {}).items():
             totals = self.dead_backends.setdefault(address, {})
             for key in ipc.BACKEND_COUNTERS:
@@ -1044,20 +1046,26 @@ class Master:
                           record.traceback)
             return
         if record.state != "draining":
-            self._vacated(record, classification in APP_FAULTS, detail, counters["served"])
+            self._vacated(record, classification in APP_FAULTS, detail, counters)
 
     def _vacated(self, record: WorkerRecord, app_fault: bool, detail: str,
-                 served: int | None = None) -> None:
-        """A worker of a live generation leaves service: may its slot be refilled at once?"""
+                 counters: dict | None = None) -> None:
+        """A worker of a live generation leaves service: may its slot be refilled at once?
+        ``counters``: its last ones, once its shared page is closed."""
         pending = self.pending
         if self.stopping or record.generation not in (
                 self.generation, pending.generation if pending else None):
             return
-        if served is None:
-            served = record.counters["served"]
+        if counters is None:
+            counters = record.counters
+        served = counters["served"]
+        sibling_serves = counters["calls"] > 0 and any(
+            w.counters["served"] for w in self.workers.values()
+            if w.generation == record.generation and w.pid != record.pid and w.state == "ready")
         key = (record.generation, record.slot)
         delay = self.backoff.vacated(key, app_fault=app_fault, served=bool(served),
-                                     now=time.monotonic(), detail=detail)
+                                     now=time.monotonic(), detail=detail,
+                                     sibling_serves=sibling_serves)
         in_a_row = self.backoff.in_loop(key)
         if app_fault and in_a_row > 1:
             log.error("%s of generation %d is crash-looping: %d workers in a row ended before "

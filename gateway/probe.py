@@ -4,13 +4,15 @@ Plays FreeSWITCH's side of one call against any outbound ESL listener (ours or n
 in plain words: refused; a handshake nobody answers; accepted but silent (and that FreeSWITCH
 gives up after 25 s); a listener that speaks *inbound* ESL (``auth/request``, the classic
 misdiagnosis); or, for an outbound server, how soon it sent ``connect``, which commands followed
-and how the call ended. The exit status is 0 only for a listener that behaves as an outbound
-server should.
+and how the call ended. For an esl-gateway in proxy mode, given its ``--stats`` address, it also
+says which backend the call was relayed to. The exit status is 0 only for a listener that
+behaves as an outbound server should.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 from gateway.listeners import parse_address
 from gateway.protocol import SOCKET_MODES
@@ -22,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long to wait for `connect` (FreeSWITCH waits 25 s)")
     parser.add_argument("--mode", choices=SOCKET_MODES, default="async full",
                         help="the dialplan's socket keywords to play")
+    parser.add_argument("--stats", metavar="HOST:PORT",
+                        help="an esl-gateway's --stats address: for a gateway in proxy mode, "
+                             "say which backend the call was relayed to")
 
 
 def probe(args: argparse.Namespace) -> tuple[bool, list[str]]:
@@ -74,9 +79,31 @@ def probe(args: argparse.Namespace) -> tuple[bool, list[str]]:
     behaves = result.outcome in endings
     lines.append(f"ending: {endings.get(result.outcome, f'{result.outcome}: {result.detail}')}"
                  f" ({result.duration_ms:.0f} ms in all)")
+    if args.stats:
+        lines.append(_relayed_to(args.stats, result.local_address))
     lines.append("verdict: " + ("OK, a working outbound ESL server" if behaves else
                                 "FAILING: FreeSWITCH would see this call fail"))
     return behaves, lines
+
+
+def _relayed_to(stats: str, local_address: str) -> str:
+    """Which backend an esl-gateway in proxy mode relayed our call to, from its /stats (its
+    workers report their recent relays with their heartbeats, about once a second)."""
+    from gateway import report
+    deadline = time.monotonic() + 3
+    while True:
+        try:
+            proxy = report.fetch(stats).get("proxy")
+        except OSError as exc:
+            return f"proxy: no stats at {stats} ({exc})"
+        if proxy is None:
+            return f"proxy: the gateway at {stats} is not in proxy mode"
+        backends = [backend for peer, backend in proxy["recent"] if peer == local_address]
+        if backends:
+            return f"proxy: the gateway relayed this call to backend {backends[-1]}"
+        if time.monotonic() > deadline:
+            return f"proxy: the gateway at {stats} lists no relay of this call ({local_address})"
+        time.sleep(0.2)
 
 
 def _advice(commands: list[str], control: str) -> list[str]:

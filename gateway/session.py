@@ -310,6 +310,11 @@ class Session:
         self._watcher = get_hub().loop.io(self._sock.fileno(), 1)
         self._watcher.start(self._on_readable)
 
+    @property
+    def has_events(self) -> bool:
+        """True once this channel's events are subscribed (execute can wait for completions)."""
+        return self._event_format is not None
+
     def ensure_events(self) -> None:
         """Subscribe to this channel's events unless the socket already is: a resumed call's
         dead worker may have subscribed (FreeSWITCH then answers -ERR aready enabled, and keeps

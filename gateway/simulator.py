@@ -73,6 +73,8 @@ class CallResult:
     commands: list[str] = field(default_factory=list)
     ended_at: float = 0.0
     hangup_cause: str | None = None      # the cause the channel hung up with, if it did
+    transferred_to: str | None = None    # the `transfer` app's argument, if the gateway sent one
+    local_address: str = ""              # our end of the connection, "ip:port"
 
     @property
     def served_by(self) -> int | None:
@@ -156,8 +158,8 @@ class SimulatedCall:
         self._paused = False              # static mode: an app holds the session: no reading
         self._pending: deque[_Request] = deque()   # read, not yet served
         uuid_line = protocol.serialize_headers_plain([("Unique-ID", self.uuid)])
-        # A plain event's channel headers, by answer state (indexed by self.answered).
-        self._channel_lines = (uuid_line + _CHANNEL_LINES[False], uuid_line + _CHANNEL_LINES[True])
+        # A plain event's channel headers, by the channel's state (see _state).
+        self._channel_lines = {state: uuid_line + lines for state, lines in _CHANNEL_LINES.items()}
         self._unsent: deque[bytes] = deque()   # frames the socket could not take yet
         self._shut_when_sent = False      # shut our side once the disconnect notice is out
         self._loop = gevent.get_hub().loop
@@ -297,6 +299,8 @@ class SimulatedCall:
         if error:
             self._dial_failed(OSError(error, os.strerror(error)))
         self.result.accepted_ms = (time.monotonic() - self._started) * 1000
+        host, port = self.sock.getsockname()[:2]
+        self.result.local_address = f"{host}:{port}"
         # FreeSWITCH sets these on its outbound socket (mod_event_socket.c, socket_function).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -366,6 +370,9 @@ class SimulatedCall:
             self._end("reset", f"write failed: {self.write_error}")
         if self.hungup:
             self._end("completed", "gateway closed after the hangup")
+        if self.result.transferred_to is not None:
+            self._end("completed", f"gateway closed after transferring the call to "
+                                   f"{self.result.transferred_to}")
         if self.finished:
             self._end("early_close", "gateway sent exit while the call was up")
         self._end("early_close", "gateway closed while the call was up; the dialplan moves on")
@@ -414,8 +421,12 @@ class SimulatedCall:
                            body=self._api(args).encode(), channel=False)
         elif name == "getvar":
             self._reply("-ERR command not found")
-        elif name in ("filter", "nixevent", "noevents", "divert_events", "resume", "log",
-                      "nolog"):
+        elif name == "noevents":   # every subscription gone, myevents included
+            self._reply("+OK no longer listening for events" if self.subscribed
+                        else "-ERR not listening for events")
+            self.subscribed.clear()
+            self.event_format = None
+        elif name in ("filter", "nixevent", "divert_events", "resume", "log", "nolog"):
             self._reply("+OK")
         elif name == "exit":
             self._reply("+OK bye")
@@ -529,6 +540,8 @@ class SimulatedCall:
             self.running_app = None
             self._hangup(arg or "NORMAL_CLEARING")
             return True
+        elif app == "transfer":   # the channel leaves the socket app for another extension
+            self.result.transferred_to = arg
         self._app_complete(app_headers, response)
         return True
 
@@ -636,7 +649,7 @@ class SimulatedCall:
         timestamp = int(time.time() * 1e6)
         if self.event_format == "plain":   # each piece serialised once (see _plain_lines)
             frame = protocol.event_frame_plain(b"".join((
-                _event_start(name), b"%d\n" % timestamp, self._channel_lines[self.answered],
+                _event_start(name), b"%d\n" % timestamp, self._channel_lines[self._state()],
                 *map(_plain_lines, extra))), body)
         else:
             headers = [("Event-Name", name), ("Core-UUID", CORE_UUID),
@@ -698,29 +711,37 @@ class SimulatedCall:
 
     # -- channel data -----------------------------------------------------------------------
 
+    def _state(self) -> str:
+        """ringing, answered or hangup: what the channel's headers say of it."""
+        return "hangup" if self.hungup else "answered" if self.answered else "ringing"
+
     def _channel_headers(self) -> list[tuple[str, str]]:
-        return [("Unique-ID", self.uuid), *_CHANNEL_HEADERS[self.answered]]
+        return [("Unique-ID", self.uuid), *_CHANNEL_HEADERS[self._state()]]
 
     def _connect_reply(self) -> bytes:
-        """The connect reply: the channel's data (CHANNEL_DATA) and the socket's mode."""
-        template = _connect_reply_template(time.strftime("%Y-%m-%d %H:%M:%S"), self.answered,
+        """The connect reply: the channel's data (CHANNEL_DATA) and the socket's mode. A
+        connect after the hangup (a lingering socket) shows the channel down."""
+        template = _connect_reply_template(time.strftime("%Y-%m-%d %H:%M:%S"), self._state(),
                                            self.address[0], self.options.socket_mode,
                                            self.options.control)
         return template.replace(_UUID_PLACEHOLDER, self.uuid.encode())
 
 
 _CHANNEL_NAME = "loopback/9090-b"
-# The channel's headers after its Unique-ID, by whether it was answered.
-_CHANNEL_HEADERS = {answered: (("Channel-Name", _CHANNEL_NAME), ("Channel-State", "CS_EXECUTE"),
-                               ("Answer-State", "answered" if answered else "ringing"),
-                               ("Caller-Caller-ID-Name", "Simulated Caller"),
-                               ("Caller-Caller-ID-Number", "0000000000"),
-                               ("Caller-Destination-Number", "9090"),
-                               ("Caller-Context", "default"))
-                    for answered in (False, True)}
+# The channel's headers after its Unique-ID, by its state: (Channel-State, Answer-State).
+_STATES = {"ringing": ("CS_EXECUTE", "ringing"), "answered": ("CS_EXECUTE", "answered"),
+           "hangup": ("CS_HANGUP", "hangup")}
+_CHANNEL_HEADERS = {state: (("Channel-Name", _CHANNEL_NAME), ("Channel-State", channel_state),
+                            ("Answer-State", answer_state),
+                            ("Caller-Caller-ID-Name", "Simulated Caller"),
+                            ("Caller-Caller-ID-Number", "0000000000"),
+                            ("Caller-Destination-Number", "9090"),
+                            ("Caller-Context", "default"))
+                    for state, (channel_state, answer_state) in _STATES.items()}
 # ... and as a plain event's header lines.
-_CHANNEL_LINES = {answered: protocol.serialize_headers_plain(headers)
-                  for answered, headers in _CHANNEL_HEADERS.items()}
+_CHANNEL_LINES = {state: protocol.serialize_headers_plain(headers)
+                  for state, headers in _CHANNEL_HEADERS.items()}
+_CALL_STATES = {"ringing": "RINGING", "answered": "ACTIVE", "hangup": "HANGUP"}
 
 
 def _uuid4() -> str:
@@ -736,11 +757,12 @@ _UUID4_CLEAR = ~((0xc000 << 48) | (0xf000 << 64))
 _UUID4_SET = (0x8000 << 48) | (4 << 76)
 
 
-def _channel_data(uuid: str, answered: bool, host: str, date_local: str
+def _channel_data(uuid: str, state: str, host: str, date_local: str
                   ) -> list[tuple[str, str]]:
     return [("Event-Name", "CHANNEL_DATA"), ("Core-UUID", CORE_UUID),
             ("FreeSWITCH-Hostname", "simulator"), ("Event-Date-Local", date_local),
-            ("Unique-ID", uuid), *_CHANNEL_HEADERS[answered], ("Channel-Call-State", "RINGING"),
+            ("Unique-ID", uuid), *_CHANNEL_HEADERS[state],
+            ("Channel-Call-State", _CALL_STATES[state]),
             ("variable_uuid", uuid), ("variable_socket_host", host),
             ("variable_current_application", "socket")]
 
@@ -751,12 +773,12 @@ _UUID_PLACEHOLDER = b"00000000-0000-0000-0000-000000000000"
 
 
 @functools.lru_cache(maxsize=16)
-def _connect_reply_template(date_local: str, answered: bool, host: str, socket_mode: str,
+def _connect_reply_template(date_local: str, state: str, host: str, socket_mode: str,
                             control: str) -> bytes:
     """The connect reply of every call of this second, with _UUID_PLACEHOLDER for its uuid
     (serialising the 20-odd headers of CHANNEL_DATA for each call was a tenth of the work)."""
     frame = protocol.connect_reply_frame(
-        _channel_data(_UUID_PLACEHOLDER.decode(), answered, host, date_local), socket_mode,
+        _channel_data(_UUID_PLACEHOLDER.decode(), state, host, date_local), socket_mode,
         control)
     assert frame.count(_UUID_PLACEHOLDER) == 2, "the placeholder is in the host name"
     return frame

@@ -180,10 +180,11 @@ def proxy_view(master) -> dict | None:
         return None
     backends = {address: dict(master.dead_backends.get(address, {})) for address in
                 config.proxy}
-    waiting, recent = 0, []
+    waiting, gave_up, recent = 0, master.dead_gave_up, []
     for record in master.workers.values():
         report = record.proxy or {}
         waiting += report.get("waiting", 0)
+        gave_up += report.get("gave_up", 0)
         recent += report.get("recent", [])
         for address, figures in report.get("backends", {}).items():
             into = backends.setdefault(address, {})
@@ -196,8 +197,8 @@ def proxy_view(master) -> dict | None:
     for figures in backends.values():
         for key in BACKEND_COUNTERS:
             figures.setdefault(key, 0)
-    return {"backends": backends, "waiting": waiting, "recent": recent[-50:],
-            "backend_wait": config.backend_wait}
+    return {"backends": backends, "waiting": waiting, "gave_up": gave_up,
+            "recent": recent[-50:], "backend_wait": config.backend_wait}
 
 
 def slots(master, live: dict, now: float) -> list[dict]:
@@ -326,6 +327,8 @@ class _SnapshotCollector:
                 if slot[key] is not None:
                     family.add_metric(values, slot[key])
         yield from per_slot.values()
+        if view["proxy"] is not None:
+            yield from _backend_metrics(view["proxy"])
         exits = CounterMetricFamily("esl_gateway_worker_exits", "worker exits by cause",
                                     labels=["classification"])
         for classification, count in sorted(view["worker_exits"].items()):
@@ -353,6 +356,22 @@ class _SnapshotCollector:
                 if worker[key] is not None:
                     family.add_metric(values, worker[key])
         yield from per_worker.values()
+
+
+def _backend_metrics(proxy: dict):
+    """Proxy mode: each backend's counters, the calls waiting for one, those given up on."""
+    for key in BACKEND_COUNTERS:
+        family = CounterMetricFamily(f"esl_gateway_backend_{key}",
+                                     f"proxy mode: {key.replace('_', ' ')}, per backend",
+                                     labels=["backend"])
+        for address, figures in sorted(proxy["backends"].items()):
+            family.add_metric([address], figures[key])
+        yield family
+    yield GaugeMetricFamily("esl_gateway_backend_waiting",
+                            "proxy mode: calls waiting for a backend now", value=proxy["waiting"])
+    yield CounterMetricFamily("esl_gateway_backend_gave_up",
+                              "proxy mode: calls handed back to the dialplan, no backend "
+                              "answered within --backend-wait", value=proxy["gave_up"])
 
 
 def render_metrics(view: dict) -> bytes:

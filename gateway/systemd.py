@@ -11,15 +11,23 @@
 from __future__ import annotations
 
 import array
+import logging
 import os
 import socket
 import time
 
 LISTEN_FDS_START = 3
+NOTIFY_WARN_EVERY = 60.0   # seconds between two warnings that systemd does not hear us
+
+log = logging.getLogger("esl_gateway.systemd")
+_warned_at = -NOTIFY_WARN_EVERY
 
 
 def notify(*fields: str, fds: list[int] | None = None) -> bool:
-    """Send ``KEY=value`` fields to systemd; False when not running under a notify socket."""
+    """Send ``KEY=value`` fields to systemd; False when not running under a notify socket, or
+    when the datagram cannot be sent (systemd is gone or restarting: like sd_notify, that
+    never stops the caller, which may be in the middle of stopping; a warning says it)."""
+    global _warned_at
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -27,8 +35,17 @@ def notify(*fields: str, fds: list[int] | None = None) -> bool:
         address = "\0" + address[1:]
     message = "\n".join(fields).encode("utf-8")
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))] if fds else []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendmsg([message], ancillary, 0, address)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendmsg([message], ancillary, 0, address)
+    except OSError as exc:
+        now = time.monotonic()
+        if now - _warned_at >= NOTIFY_WARN_EVERY:
+            _warned_at = now
+            log.warning("cannot notify systemd at %s (%s); carrying on without it (this "
+                        "warning repeats at most every %.0fs)", os.environ["NOTIFY_SOCKET"],
+                        exc, NOTIFY_WARN_EVERY)
+        return False
     return True
 
 

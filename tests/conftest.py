@@ -19,3 +19,6 @@ def start_gateway(tmp_path):
     yield start
     for gateway in started:
         gateway.stop()
+    # A bug the master's loop survived still is a bug: no test passes over one.
+    for gateway in started:
+        assert "internal error in the master's loop" not in gateway.log(), gateway.log()[-4000:]

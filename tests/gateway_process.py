@@ -25,6 +25,16 @@ APPS = Path(__file__).parent / "apps"
 ROOT = Path(__file__).parent.parent
 
 
+def wait_until(condition, timeout: float = 10.0, what: str = "condition", poll: float = 0.02):
+    """Wait cooperatively until ``condition()`` is true, failing the test after ``timeout``;
+    return its value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        gevent.sleep(poll)
+    return value
+
+
 def gateway_command() -> list[str]:
     script = Path(sys.executable).with_name("esl-gateway")
     return [str(script)] if script.exists() else [sys.executable, "-m", "gateway"]

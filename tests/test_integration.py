@@ -10,6 +10,7 @@ import gevent
 import pytest
 
 from gateway.simulator import CallOptions, SimulatedCall, run_load
+from tests.gateway_process import wait_until
 
 
 def assert_all_completed(result):
@@ -128,9 +129,3 @@ def test_unimportable_app_fails_before_binding(start_gateway):
     assert "ImportError: deliberately broken app module" in log
     assert "Listening at" not in log
 
-
-def wait_until(condition, timeout):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        gevent.sleep(0.01)

@@ -16,15 +16,7 @@ import gevent
 import pytest
 
 from gateway.simulator import CallOptions, SimulatedCall, run_load
-from tests.gateway_process import ROOT
-
-
-def wait_until(condition, timeout, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        gevent.sleep(0.05)
-    return value
+from tests.gateway_process import ROOT, gateway_command, wait_until
 
 
 def free_port() -> int:
@@ -226,3 +218,28 @@ def test_reload_and_upgrade_cut_no_proxied_call(start_gateway, start_backend):
     result = load.get(timeout=60)
     assert result.counts()["completed"] == 150, result.failures()[:3]
     assert gateway.stats()["master"]["generation"] == 3
+
+
+def test_the_probe_says_which_backend_served_it(start_gateway, start_backend):
+    """`esl-gateway probe --stats` against a gateway in proxy mode: OK, and the backend."""
+    backend = start_backend()
+    gateway = start_gateway(app="", args=["--proxy", backend.address])
+    shown = subprocess.run([*gateway_command(), "probe", "%s:%d" % gateway.address, "--stats",
+                            "%s:%d" % gateway.stats_address], capture_output=True, text=True,
+                           timeout=30)
+    print("\n" + shown.stdout)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert f"proxy: the gateway relayed this call to backend {backend.address}" in shown.stdout
+
+
+def test_a_unix_socket_backend_and_the_metrics(start_gateway, start_backend, tmp_path):
+    """A backend on a unix socket; its figures in /metrics."""
+    backend = start_backend("local", address=f"unix:{tmp_path / 'ivr.sock'}")
+    gateway = start_gateway(app="", args=["--proxy", backend.address])
+    assert run_load(gateway.address, calls=20, rate=50).counts()["completed"] == 20
+    wait_until(lambda: gateway.stats()["proxy"]["backends"][backend.address]["relayed"] == 20,
+               5, "the relays in /stats")
+    status, body = gateway.http_get("/metrics")
+    assert status == 200
+    assert f'esl_gateway_backend_relayed_total{{backend="{backend.address}"}} 20.0'.encode() \
+        in body

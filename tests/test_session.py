@@ -10,6 +10,7 @@ Every blocking step is bounded, so a hang fails the test instead of blocking the
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -21,8 +22,11 @@ from gateway import protocol
 from gateway.session import (CONNECT_SETTLE_SECONDS, ApiError, CallHungUp, CommandError,
                              CommandTimeout, ESLError, NotFullControl, Session, SessionClosed,
                              SessionSettings, WaitTimeout)
-from tests.fakefs import CALL_UUID, TIMEOUT, Background, FakeFS, socketpair
+from tests.fakefs import CALL_UUID, Background, FakeFS, socketpair
+from tests import gateway_process
 
+# Poll finely: these waits are a few milliseconds, and some tests time them.
+wait_until = functools.partial(gateway_process.wait_until, poll=0.002)
 OTHER_UUID = "99999999-8888-4777-8666-555555555555"
 PROMPT = 0.5        # "promptly": how long a woken waiter may take to notice
 TEST_GUARD = 8.0    # no test may take longer than this in total
@@ -111,12 +115,6 @@ def start_bgapi(session: Session, fs: FakeFS, cmd: str = "status", first: bool =
     assert job.uuid == job_uuid
     return job, job_uuid
 
-
-def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        gevent.sleep(0.002)
 
 
 def drain_events(session: Session, timeout: float = 1.0) -> list:

@@ -79,8 +79,9 @@ def _call(**options) -> SimulatedCall:
 
 
 def _channel(call: SimulatedCall, answer_state: str) -> list[tuple[str, str]]:
+    channel_state = "CS_HANGUP" if answer_state == "hangup" else "CS_EXECUTE"
     return [("Unique-ID", call.uuid), ("Channel-Name", "loopback/9090-b"),
-            ("Channel-State", "CS_EXECUTE"), ("Answer-State", answer_state),
+            ("Channel-State", channel_state), ("Answer-State", answer_state),
             ("Caller-Caller-ID-Name", "Simulated Caller"),
             ("Caller-Caller-ID-Number", "0000000000"), ("Caller-Destination-Number", "9090"),
             ("Caller-Context", "default")]
@@ -89,14 +90,16 @@ def _channel(call: SimulatedCall, answer_state: str) -> list[tuple[str, str]]:
 def test_connect_reply_is_the_serialised_channel_data():
     """Guards against the templated connect reply drifting from connect_reply_frame's bytes."""
     call = _call(socket_mode="static", control="full")
-    for answered, state in ((False, "ringing"), (True, "answered")):
-        call.answered = answered
+    for answered, hungup, state, call_state in ((False, False, "ringing", "RINGING"),
+                                                (True, False, "answered", "ACTIVE"),
+                                                (True, True, "hangup", "HANGUP")):
+        call.answered, call.hungup = answered, hungup
         before = time.strftime("%Y-%m-%d %H:%M:%S")
         reply = call._connect_reply()
         date = before if before.encode() in reply else time.strftime("%Y-%m-%d %H:%M:%S")
         data = [("Event-Name", "CHANNEL_DATA"), ("Core-UUID", simulator.CORE_UUID),
                 ("FreeSWITCH-Hostname", "simulator"), ("Event-Date-Local", date),
-                *_channel(call, state), ("Channel-Call-State", "RINGING"),
+                *_channel(call, state), ("Channel-Call-State", call_state),
                 ("variable_uuid", call.uuid), ("variable_socket_host", "127.0.0.1"),
                 ("variable_current_application", "socket")]
         assert reply == protocol.connect_reply_frame(data, "static", "full")

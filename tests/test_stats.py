@@ -13,18 +13,10 @@ from gevent import socket as gsocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.simulator import CallOptions, run_load
-from tests.gateway_process import gateway_command
+from tests.gateway_process import gateway_command, wait_until
 
 TOTALS = {"calls": "calls", "failed": "calls_failed", "handler_exceptions": "handler_exceptions",
           "protocol_errors": "protocol_errors", "events": "events", "commands": "commands"}
-
-
-def wait_until(condition, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        gevent.sleep(0.05)
-    return value
 
 
 def metrics(gateway) -> dict[tuple, float]:

@@ -19,15 +19,9 @@ import pytest
 from gateway.backoff import RespawnBackoff
 from gateway.loadtest import offer
 from gateway.simulator import CallOptions, SimulatedCall, run_load
+from tests.gateway_process import wait_until
 
 PR_SET_CHILD_SUBREAPER = 36
-
-
-def wait_until(condition, timeout, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        gevent.sleep(0.02)
 
 
 def start_calls(address, count, playback_ms):
@@ -68,7 +62,6 @@ def test_a_sporadic_crash_costs_only_the_calls_in_flight(start_gateway, rate, ex
     view = gateway.stats()
     deaths = [e for e in view["exits"] if e["classification"] != "drained"]
     died = {e["pid"] for e in deaths}
-    fate = {r.uuid: r.variables.get("test_fate") for r in result.results}
     first_byte_p99 = result.percentile("first_byte_ms", 0.99)
     print(f"\nsporadic crash at {rate}/s, exit {exit_code}, survival {survival}:", counts,
           f"first byte p99 {first_byte_p99:.1f} ms, {len(died)} deaths,",
@@ -76,23 +69,36 @@ def test_a_sporadic_crash_costs_only_the_calls_in_flight(start_gateway, rate, ex
           f"orphaned by the gateway's count, {view['totals']['calls_per_death']} completed",
           "per death")
     assert counts["refused"] == counts["timeout"] == counts["protocol_error"] == 0
-    assert first_byte_p99 <= 50
+    # At 500 calls/s this 2-core machine runs the generator and the gateway at about 1.5 cores,
+    # and the p99 swings (12 to 39 ms in six runs, more when the machine is busy): the benchmark
+    # measures the 50 ms target five times; here 100 ms is a bound that one slot lost to a
+    # backoff, or a replacement slower than its spare, blows through.
+    assert first_byte_p99 <= (50 if rate <= 200 else 100)
     assert died and {e["classification"] for e in deaths} == {"crashed"}, deaths[:3]
     assert all(e["exit_code"] == exit_code and "without a word" in e["detail"] for e in deaths)
-    # Every call that failed was in flight on a worker that died (two calls on one worker may
-    # both draw "exit" before the first os._exit lands), and the gateway counted at least them.
+    # Every call that failed was in flight on a worker that died: the gateway counted at least
+    # them (a call whose hangup had gone out when its worker died completes all the same).
     failed = result.failures()
-    assert all(call.served_by in died or call.served_by is None for call in failed), failed[:3]
+    assert {call.outcome for call in failed} <= {"early_close", "reset"}, failed[:3]
     assert len(failed) <= view["totals"]["calls_lost"]
     if survival == "on":
-        assert not failed and view["totals"]["calls_lost"] == 0
-        assert view["totals"]["resumed_fallback"] + view["totals"]["resumed_gone"] == \
-            view["totals"]["calls_orphaned"] > 0
+        totals = view["totals"]
+        taken = {key: totals[key] for key in ("calls_orphaned", "calls_orphaned_now",
+                                              "resumed_fallback", "resumed_gone",
+                                              "resumed_failed", "calls_lost")}
+        assert not failed and totals["calls_lost"] == 0, taken
+        # Each orphaning ended in one of these, unless the worker it was given to died first
+        # (then the call was orphaned once more, and counted again).
+        assert 0 < totals["resumed_fallback"] + totals["resumed_gone"] <= \
+            totals["calls_orphaned"], taken
+    # Raising calls and orphaned ones are hung up with TEMPORARY_FAILURE, the others normally
+    # (a raising call on a worker that died before its hangup went out was orphaned too).
     survivors = [r for r in result.results if r.outcome == "completed"]
-    # Raising calls and orphaned ones are hung up with TEMPORARY_FAILURE, the others normally.
-    assert all(r.hangup_cause == "TEMPORARY_FAILURE" for r in survivors
-               if fate[r.uuid] != "ok")
     assert all(r.hangup_cause in ("NORMAL_CLEARING", "TEMPORARY_FAILURE") for r in survivors)
+    totals = view["totals"]
+    failures = sum(r.hangup_cause == "TEMPORARY_FAILURE" for r in survivors)
+    assert totals["handler_exceptions"] - totals["calls_lost"] - totals["calls_orphaned"] <= \
+        failures <= totals["handler_exceptions"] + totals["resumed_fallback"]
     # Every death was replaced at once: never a crash loop, however often workers died.
     assert "crash-looping" not in gateway.log()
     assert all(slot["unserved_in_a_row"] <= 1 for slot in view["slots"])
@@ -122,24 +128,34 @@ def test_sys_exit_in_a_handler_drains_its_worker(start_gateway):
 def test_a_crash_on_every_call_is_a_crash_loop(start_gateway):
     """Workers that die on their first call never serve: their slots back off (1 s, 1.5 s ...),
     are reported as crash-looping with the reason and the next attempt, and the master stays
-    idle; the port stays bound (calls wait or fail, none is refused)."""
+    idle; the port stays bound (calls wait or fail, none is refused). The calls of the dead
+    workers are hung up by the next worker up (--orphan-action), and that proves nothing of the
+    app: no loop ends on it."""
     gateway = start_gateway(app="faulty:handle_crash_always", workers=2,
                             args=["--spare-workers", "0"])
+
+    def in_backoff():   # a slot waiting for its next attempt, seen while the calls arrive
+        return [slot for slot in gateway.stats()["slots"] if slot["state"] == "backoff"
+                and slot["next_attempt_in_s"] > 0 and slot["crash_loop"]]
+
+    watching = gevent.spawn(wait_until, in_backoff, 15, "a slot in backoff", 0.1)
     master_cpu, started = gateway.cpu_seconds(), time.monotonic()
     result = run_load(gateway.address, calls=60, rate=10, seed=31,
                       options=CallOptions(connect_wait=3))
     elapsed = time.monotonic() - started
+    waiting = watching.get(timeout=15)
     gateway.wait_for_log(r"slot \d of generation 1 is crash-looping: 3 workers in a row ended "
                          r"before completing a call \(the last exited with code 1 without a word")
     view = gateway.stats()
-    looping = [slot for slot in view["slots"] if slot["crash_loop"]]
     print("\ncrash on every call:", result.counts(), [(s["slot"], s["unserved_in_a_row"],
-                                                      s["next_attempt_in_s"]) for s in looping])
-    assert result.counts()["refused"] == 0 and result.counts()["completed"] == 0
-    assert looping and all("without a word" in slot["crash_loop"] for slot in looping)
-    assert any(slot["state"] == "backoff" and slot["next_attempt_in_s"] > 0
-               for slot in view["slots"])
-    assert all(slot["calls_completed"] == 0 for slot in view["slots"])
+                                                      s["next_attempt_in_s"]) for s in waiting])
+    assert result.counts()["refused"] == 0
+    completed = [r for r in result.results if r.outcome == "completed"]
+    assert all(r.hangup_cause == "TEMPORARY_FAILURE" for r in completed)
+    assert all("without a word" in slot["crash_loop"] for slot in waiting)
+    # Every call the workers completed was an orphan they hung up, none one the app served.
+    assert sum(slot["calls_completed"] for slot in view["slots"]) <= \
+        view["totals"]["resumed_fallback"]
     assert gateway.cpu_seconds() - master_cpu < 0.05 * elapsed + 0.2
     status, body = gateway.http_get("/metrics")
     assert b"esl_gateway_slot_unserved_deaths{" in body
@@ -181,7 +197,8 @@ def test_an_oom_kill_is_classified_as_such(start_gateway):
         cgroup.add(worker)
         (gateway.workdir / "hog-once").touch()
         hogging = SimulatedCall(gateway.address, CallOptions(), random.Random(3)).run()
-        assert hogging.outcome in ("early_close", "reset")
+        # Its call outlives it: the replacement hangs it up (--orphan-action).
+        assert (hogging.outcome, hogging.hangup_cause) == ("completed", "TEMPORARY_FAILURE")
         gateway.wait_for_log(rf"worker 1 \(pid {worker}, gen 1\) was killed by SIGKILL while the "
                              r"kernel's OOM killer ran")
     finally:
@@ -194,7 +211,8 @@ def test_an_oom_kill_is_classified_as_such(start_gateway):
 
 def test_blocked_worker_is_replaced_with_its_stack_logged(start_gateway):
     """A handler that blocks the event loop past --timeout gets its worker killed and replaced;
-    the blocking stack reaches the log; the other worker serves on."""
+    the blocking stack reaches the log; the other worker serves on, and hangs up the blocked
+    call (--orphan-action)."""
     gateway = start_gateway(app="faulty:handle_blocking", workers=2, args=["--timeout", "2"])
     (gateway.workdir / "block-once").touch()
     blocked = gevent.spawn(SimulatedCall(gateway.address, CallOptions(), random.Random(1)).run)
@@ -203,7 +221,8 @@ def test_blocked_worker_is_replaced_with_its_stack_logged(start_gateway):
     gateway.wait_for_log(r"ready, generation", count=3)
     log = gateway.log()
     assert "spin_without_yielding" in log          # the watchdog's report and faulthandler
-    assert blocked.get(timeout=10).outcome in ("early_close", "reset")
+    blocked = blocked.get(timeout=10)   # its call outlived its worker, hung up by the other one
+    assert (blocked.outcome, blocked.hangup_cause) == ("completed", "TEMPORARY_FAILURE")
     result = run_load(gateway.address, calls=50, rate=50)
     assert result.counts()["completed"] == 50
 
@@ -265,7 +284,7 @@ def test_crash_loop_backs_off_while_the_other_worker_serves(start_gateway):
 
 
 @pytest.mark.parametrize("exits, expected", [
-    # (app's fault, served) for each worker that left the slot
+    # (app's fault, served[, a sibling served]) for each worker that left the slot
     ([(True, False)] * 6, [0.0, 1.0, 1.5, 2.25, 3.375, 5.0625]),
     ([(True, False)] * 14, [0.0] + [min(1.5 ** k, 30.0) for k in range(13)]),
     # A worker that served ends the loop; a kill from outside neither ends nor extends it.
@@ -273,12 +292,15 @@ def test_crash_loop_backs_off_while_the_other_worker_serves(start_gateway):
     ([(True, False), (True, False), (False, False), (True, False)], [0.0, 1.0, 1.0, 1.5]),
     # Workers that served are replaced at once however often they die.
     ([(True, True)] * 20, [0.0] * 20),
+    # So are those that died before serving while a sibling served: a sporadic crash, early.
+    ([(True, False, True)] * 5 + [(True, False)] * 2, [0.0] * 6 + [1.0]),
 ])
 def test_backoff_schedule(exits, expected):
     """Exponential, einhorn-style, capped at 30 s, for workers that die before serving."""
     backoff = RespawnBackoff()
-    got = [backoff.vacated(1, app_fault=fault, served=served, now=100.0)
-           for fault, served in exits]
+    got = [backoff.vacated(1, app_fault=fault, served=served, now=100.0,
+                           sibling_serves=bool(sibling))
+           for fault, served, *sibling in exits]
     assert got == pytest.approx(expected)
 
 
@@ -346,22 +368,29 @@ def test_ttin_ttou_add_and_drain_a_worker(start_gateway):
 
 
 def test_a_stop_signal_while_a_worker_boots_reaches_its_stop(start_gateway):
-    """SIGTERM to a worker still importing its code (a reload right after a respawn) waits until
-    its handlers are in place, then makes it drain and leave cleanly; it is not killed by the
-    signal's default action (nor swallowed by the master's handler, inherited across fork)."""
-    gateway = start_gateway(workers=1)
-    [first] = gateway.worker_pids()
-    os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while not (booting := [pid for pid in gateway.worker_pids() if pid != first]):
-        assert time.monotonic() < deadline, "no replacement forked"
-        time.sleep(0.0005)   # catch it just after fork(), long before it is ready
-    os.kill(booting[0], signal.SIGTERM)
-    sent_at = time.time()
-    gateway.wait_for_log(rf"\(pid {booting[0]}, gen 1\) exited cleanly \(drained\)")
-    [ready_at] = log_times(gateway, rf"\(pid {booting[0]}\) ready")
-    assert sent_at < ready_at   # the signal came while it booted
-    assert f"pid {booting[0]}, gen 1) was killed" not in gateway.log()
+    """SIGTERM to a worker still booting (a reload right after a respawn) waits until its
+    handlers are in place, then makes it drain and leave cleanly; it is not killed by the
+    signal's default action (nor swallowed by the master's handler, inherited across fork).
+    A worker forked by the fork server boots in a few milliseconds, so the signal may land after
+    it is ready: the test tries again until one landed before."""
+    gateway = start_gateway(workers=1, args=["--spare-workers", "0"])
+    for attempt in range(10):
+        [first] = gateway.worker_pids()
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not (booting := [pid for pid in gateway.worker_pids() if pid != first]):
+            assert time.monotonic() < deadline, "no replacement forked"
+            time.sleep(0.0005)   # catch it just after fork(), before it is ready
+        os.kill(booting[0], signal.SIGTERM)
+        sent_at = time.time()
+        gateway.wait_for_log(rf"\(pid {booting[0]}, gen 1\) exited cleanly \(drained\)")
+        assert f"pid {booting[0]}, gen 1) was killed" not in gateway.log()
+        [ready_at] = log_times(gateway, rf"\(pid {booting[0]}\) ready")
+        if sent_at < ready_at:   # the signal came while it booted
+            break
+        gateway.wait_for_log(r"ready, generation", count=2 * attempt + 3)
+    else:
+        pytest.fail("the signal never reached a worker before it was ready")
 
 
 def test_master_death_workers_finish_calls_then_unbind(start_gateway):

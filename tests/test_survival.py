@@ -8,20 +8,12 @@ import os
 import random
 import re
 import signal
-import time
 
 import gevent
 import pytest
 
 from gateway.simulator import CallOptions, SimulatedCall, run_load
-
-
-def wait_until(condition, timeout, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        gevent.sleep(0.02)
-    return value
+from tests.gateway_process import wait_until
 
 
 def kill_workers_under_load(gateway, kills, every, calls, rate, playback_ms, seed):
@@ -70,6 +62,7 @@ def test_calls_survive_workers_killed_mid_call(start_gateway):
 @pytest.mark.parametrize("action, outcome, cause", [
     ("hangup:USER_BUSY", "completed", "USER_BUSY"),
     ("dialplan", "early_close", None),
+    ("transfer:1000:XML:operators", "completed", None),
 ])
 def test_without_a_resume_hook_orphans_get_the_orphan_action(start_gateway, action, outcome,
                                                              cause):
@@ -82,11 +75,14 @@ def test_without_a_resume_hook_orphans_get_the_orphan_action(start_gateway, acti
     running = [gevent.spawn(call.run) for call in calls]
     wait_until(lambda: all(c.running_app and c.running_app[0] == "playback" for c in calls), 10,
                "every call in its playback")
-    victim = gateway.worker_pids()[0]
+    # The busier worker: the kernel may well have given the other one no call at all.
+    victim = max(gateway.worker_pids(), key=[c.result.served_by for c in calls].count)
     on_victim = {c.uuid for c in calls if c.result.served_by == victim}
     os.kill(victim, signal.SIGKILL)
     results = [g.get(timeout=30) for g in running]
     fates = {(r.outcome, r.hangup_cause) for r in results if r.uuid in on_victim}
+    transfers = {r.transferred_to for r in results if r.uuid in on_victim}
+    assert transfers == ({"1000 XML operators"} if action.startswith("transfer") else {None})
     totals = gateway.stats()["totals"]
     print(f"\norphan action {action}:", fates, totals["resumed_fallback"])
     assert on_victim and fates == {(outcome, cause)}
@@ -130,3 +126,17 @@ def test_a_generation_that_must_close_hands_its_calls_to_the_next(start_gateway)
     assert len(re.findall(r"resumed call \(worker \d \(pid \d+, gen 1\) exited cleanly",
                           gateway.log())) == 10
     assert gateway.stats()["totals"]["resumed"] == 10
+
+
+def test_a_call_that_hung_up_while_orphaned_is_closed_not_resumed(start_gateway):
+    """The caller hung up while the call's worker was dying: the worker that takes the call
+    over finds the channel down in the fresh CHANNEL_DATA, closes it and counts it."""
+    gateway = start_gateway(app="surviving:handle_hangs_up_and_dies", workers=1,
+                            args=["--resume", "surviving:resume"])
+    result = SimulatedCall(gateway.address, CallOptions(), random.Random(2)).run()
+    assert (result.outcome, result.hangup_cause) == ("completed", "NORMAL_CLEARING"), result
+    gateway.wait_for_log(rf"\[{result.uuid}\] call -1 \(worker 1 .*\) had hung up before it "
+                         r"could be resumed|call -1 \(worker 1 .*\) had ended before it could "
+                         r"be resumed")
+    totals = gateway.stats()["totals"]
+    assert (totals["resumed_gone"], totals["resumed"]) == (1, 0)

@@ -31,6 +31,18 @@ def test_notify_outside_systemd_does_nothing(monkeypatch):
     assert systemd.notify("READY=1") is False
 
 
+def test_notify_to_a_gone_systemd_warns_and_carries_on(notify_socket, caplog, monkeypatch):
+    """systemd gone (its socket closed): notify fails softly, says so once, and the caller (a
+    master in the middle of stopping, say) goes on."""
+    monkeypatch.setattr(systemd, "_warned_at", -systemd.NOTIFY_WARN_EVERY)
+    notify_socket.close()
+    os.unlink(os.environ["NOTIFY_SOCKET"])
+    assert systemd.notify("STOPPING=1") is False
+    assert systemd.notify("STATUS=gen 1") is False
+    warnings = [r for r in caplog.records if "cannot notify systemd" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 def test_abstract_namespace_socket(monkeypatch):
     """An address starting with @ is in the abstract namespace, as systemd passes it."""
     name = f"esl-gateway-test-{os.getpid()}"

@@ -48,7 +48,9 @@ def connect_then_close(conn):
 
 
 def probe_args(address, wait=1.0):
-    return argparse.Namespace(address="%s:%d" % address, wait=wait, mode="async full")
+    parser = argparse.ArgumentParser()
+    probe.add_arguments(parser)
+    return parser.parse_args(["%s:%d" % address, "--wait", str(wait)])
 
 
 def test_probe_says_ok_for_our_gateway(start_gateway):

@@ -279,11 +279,14 @@ class GeventWorker:
         finally:
             self._end_call(call_id, session, completed)
 
-    def _end_call(self, call_id: int, session: Session, completed: bool) -> None:
+    def _end_call(self, call_id: int, session: Session, completed: bool,
+                  by_the_app: bool = True) -> None:
+        """``by_the_app``: the app's handler or resume hook ran the call, so its completion
+        proves the app serves (gateway.backoff); an --orphan-action proves nothing of the app."""
         del self.sessions[call_id]
         session.close("the handler returned")
         self.scores[COMPLETED if completed else FAILED] += 1
-        if completed:
+        if completed and by_the_app:
             self._served()
         self._update_scores()
 
@@ -315,7 +318,7 @@ class GeventWorker:
             return
         session = Session(conn, self.settings, self.counters)
         self.sessions[call_id] = session
-        completed = False
+        completed, by_the_app = False, True
         scores = self.scores
         try:
             try:
@@ -338,7 +341,7 @@ class GeventWorker:
                 log.warning("[%s] resumed call (%s): no --resume hook, so %s (--orphan-action)",
                             session.uuid, origin, _describe(self.config.orphan_action))
                 self._give_up(session, self.config.orphan_action)
-                completed = True
+                completed, by_the_app = True, False
                 return
             scores[RESUMED] += 1
             log.warning("[%s] resumed call (%s) in worker %d, generation %d", session.uuid,
@@ -360,7 +363,7 @@ class GeventWorker:
             log.exception("[%s] resuming call %s (%s) failed; ending it", session.uuid, call_id,
                           origin)
         finally:
-            self._end_call(call_id, session, completed)
+            self._end_call(call_id, session, completed, by_the_app)
 
     def _give_up(self, session: Session, action) -> None:
         """End a call the gateway cannot go on with as ``action`` says (--on-handler-error,
@@ -372,9 +375,10 @@ class GeventWorker:
             if action.kind == "hangup":
                 session.hangup(action.argument)
                 session.wait_hungup(HANGUP_WAIT)
-            else:   # transfer: the channel leaves the socket app for another extension
-                session.execute("transfer", action.argument, wait=False)
-                session.wait_closed(HANGUP_WAIT)
+            else:   # transfer: the channel leaves the socket app for another extension, and
+                # once the app has run our closing the socket just ends this listener.
+                session.execute("transfer", action.argument, wait=session.has_events,
+                                timeout=HANGUP_WAIT)
         except ESLError as exc:
             log.info("[%s] could not carry out %s: %s", session.uuid, action, exc)
 
@@ -486,8 +490,8 @@ def _describe(action) -> str:
 
 
 def prepare() -> None:
-    """What every worker does before it can run: gevent's monkey-patching (once per process;
-    a worker forked by the fork server inherits it).
+    """What every worker does before it can run: gevent's monkey-patching and logging's set-up
+    (once per process; a worker forked by the fork server inherits them).
 
     Every call is a greenlet: recording who spawned it, and that greenlet's stack, is work and
     memory per call that nothing here reads, so the greenlet tree is not tracked.
@@ -496,6 +500,9 @@ def prepare() -> None:
         return
     gevent.config.track_greenlet_tree = False
     _patch_all()
+    # A log record asks for the current thread's name, which makes gevent build a thread object
+    # for every greenlet that logs (a call); the format has no %(threadName)s.
+    logging.logThreads = False
 
 
 def _patch_all() -> None:

@@ -81,6 +81,7 @@ class Backends:
         self.backends = [Backend(address) for address in addresses]
         self._next = 0
         self.waiting = 0   # calls waiting for a backend now
+        self.gave_up = 0   # calls handed back to the dialplan: no backend answered in time
         self.recent: deque = deque(maxlen=RECENT)   # (FreeSWITCH peer, backend address)
 
     def connect(self, deadline: float) -> tuple[Backend, _socket.socket] | None:
@@ -123,7 +124,8 @@ class Backends:
     def report(self) -> dict:
         """For the heartbeat: each backend's counters and ages, and the recent relays."""
         now = time.monotonic()
-        return {"waiting": self.waiting, "recent": list(self.recent), "backends": {
+        return {"waiting": self.waiting, "gave_up": self.gave_up, "recent": list(self.recent),
+                "backends": {
             b.address: dict(b.counts,
                             answered_ago=None if b.last_answer is None else now - b.last_answer,
                             failed_ago=None if b.last_failure is None else now - b.last_failure)
@@ -150,6 +152,7 @@ class ProxiedCall:
                 log.warning("call from %s: no backend answered within %.0fs (%s); handing it "
                             "back to the dialplan", self.peer, self.config.backend_wait,
                             ", ".join(self.config.proxy))
+                self.backends.gave_up += 1
                 self._close_freeswitch()
                 return False
             backend, sock = found

@@ -39,3 +39,10 @@ def handle_dies_mid_frame(session):
     wait_read(session._sock.fileno(), 5)
     session._sock.recv(20)
     os._exit(1)
+
+
+def handle_hangs_up_and_dies(session):
+    """Hangs the call up, then its worker dies before it can read the hangup's events."""
+    subscribe_and_report(session)
+    session._sock.send(b"sendmsg\ncall-command: hangup\nhangup-cause: NORMAL_CLEARING\n\n")
+    os._exit(1)
