@@ -288,9 +288,7 @@ class Session:
         """Let go of the call without ending it: stop reading and close our descriptor, but
         send no FIN. The master's copy of the socket keeps the connection up for the worker
         that takes the call over (see reattach). Waiters wake with SessionClosed."""
-        if self._watcher is not None:
-            self._watcher.close()
-            self._watcher = None
+        self._stop_reading()
         self._teardown(reason)
         self._sock.close()
 
@@ -298,9 +296,7 @@ class Session:
         """Stop being the call's session but keep its connection, for proxy mode, which relays
         the socket's bytes from here on. Returns what FreeSWITCH sent that was read but not
         parsed (the relay passes it on first)."""
-        if self._watcher is not None:
-            self._watcher.close()
-            self._watcher = None
+        self._stop_reading()
         self._teardown("handed to the proxy's relay")
         return self._parser.buffered()
 
@@ -309,6 +305,14 @@ class Session:
         self._sock.setblocking(False)
         self._watcher = get_hub().loop.io(self._sock.fileno(), 1)
         self._watcher.start(self._on_readable)
+
+    def _stop_reading(self) -> bool:
+        """Close the read watcher; False if nothing was reading."""
+        if self._watcher is None:
+            return False
+        self._watcher.close()
+        self._watcher = None
+        return True
 
     @property
     def has_events(self) -> bool:
@@ -723,10 +727,8 @@ class Session:
     def _release(self) -> None:
         """Stop reading and close the socket: FreeSWITCH has closed its side, or the drain
         after our FIN timed out."""
-        if self._watcher is None:
+        if not self._stop_reading():
             return
-        self._watcher.close()
-        self._watcher = None
         if self._drain_timer is not None:
             self._drain_timer.close()
         self._sock.close()

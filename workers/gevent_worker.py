@@ -261,23 +261,29 @@ class GeventWorker:
             except SessionClosed as exc:
                 log.info("call ended before its handler started: %s", exc)
                 return
-            try:
-                self.app(session)
-                completed = True
-            except SessionClosed as exc:
-                completed = True   # the caller hung up, or FreeSWITCH ended the socket
-                log.info("[%s] call ended under the handler: %s", session.uuid, exc)
-            except SystemExit as exc:
-                self._app_exit(session, exc)
-            except Exception:
-                self.scores[INDEX["handler_exceptions"]] += 1
-                log.exception("[%s] handler %s raised; %s (--on-handler-error)", session.uuid,
-                              self.config.app, _describe(self.config.on_handler_error))
-                self._give_up(session, self.config.on_handler_error)
+            completed = self._run_app(session, self.app, "handler", self.config.app)
         except Exception:
             log.exception("[%s] call setup failed; ending this call", session.uuid)
         finally:
             self._end_call(call_id, session, completed)
+
+    def _run_app(self, session: Session, function, role: str, name: str) -> bool:
+        """Run the app's ``function`` (its handler, or its resume hook) on the call; True if
+        the call completed. Whatever it raises costs only this call (see --on-handler-error)."""
+        try:
+            function(session)
+            return True
+        except SessionClosed as exc:   # the caller hung up, or FreeSWITCH ended the socket
+            log.info("[%s] call ended under the %s: %s", session.uuid, role, exc)
+            return True
+        except SystemExit as exc:
+            self._app_exit(session, exc, role, name)
+        except Exception:
+            self.scores[INDEX["handler_exceptions"]] += 1
+            log.exception("[%s] %s %s raised; %s (--on-handler-error)", session.uuid, role, name,
+                          _describe(self.config.on_handler_error))
+            self._give_up(session, self.config.on_handler_error)
+        return False
 
     def _end_call(self, call_id: int, session: Session, completed: bool,
                   by_the_app: bool = True) -> None:
@@ -346,18 +352,8 @@ class GeventWorker:
             scores[RESUMED] += 1
             log.warning("[%s] resumed call (%s) in worker %d, generation %d", session.uuid,
                         origin, self.spec.slot, self.spec.generation)
-            try:
-                self.resume_hook(session)
-                completed = True
-            except SessionClosed as exc:
-                completed = True
-                log.info("[%s] resumed call ended under the resume hook: %s", session.uuid, exc)
-            except Exception:
-                self.scores[INDEX["handler_exceptions"]] += 1
-                log.exception("[%s] resume hook %s raised; %s (--on-handler-error)",
-                              session.uuid, self.config.resume,
-                              _describe(self.config.on_handler_error))
-                self._give_up(session, self.config.on_handler_error)
+            completed = self._run_app(session, self.resume_hook, "resume hook",
+                                      self.config.resume)
         except Exception:
             scores[RESUMED_FAILED] += 1
             log.exception("[%s] resuming call %s (%s) failed; ending it", session.uuid, call_id,
@@ -382,16 +378,15 @@ class GeventWorker:
         except ESLError as exc:
             log.info("[%s] could not carry out %s: %s", session.uuid, action, exc)
 
-    def _app_exit(self, session: Session, exc: SystemExit) -> None:
-        """The handler called sys.exit(): the app wants this process gone. The call ends as
-        after any handler failure; the worker stops accepting, lets its other calls finish and
-        exits with the app's code (its replacement starts at once)."""
+    def _app_exit(self, session: Session, exc: SystemExit, role: str, name: str) -> None:
+        """The handler (or resume hook) called sys.exit(): the app wants this process gone.
+        The call ends as after any handler failure; the worker stops accepting, lets its other
+        calls finish and exits with the app's code (its replacement starts at once)."""
         code = exit_status(exc)
         text = traceback.format_exc()
-        log.error("[%s] handler %s called sys.exit(%r); %s, and this worker stops accepting, "
-                  "finishes its other calls and exits with code %d\n%s", session.uuid,
-                  self.config.app, exc.code, _describe(self.config.on_handler_error), code,
-                  text.rstrip())
+        log.error("[%s] %s %s called sys.exit(%r); %s, and this worker stops accepting, "
+                  "finishes its other calls and exits with code %d\n%s", session.uuid, role,
+                  name, exc.code, _describe(self.config.on_handler_error), code, text.rstrip())
         self._send("app_exit", code=code, traceback=text)
         self._give_up(session, self.config.on_handler_error)
         if not self._stop.is_set():
