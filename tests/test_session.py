@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
+import re
 import time
 
 import gevent
@@ -461,6 +463,42 @@ def test_events_received_before_the_close_are_delivered_first(call, how):
     for _ in range(3):                            # every later call is told too, at once
         with pytest.raises(SessionClosed):
             session.next_event(timeout=0.1)
+
+
+def epoll_registrations() -> dict[int, str]:
+    """This process's epoll set as /proc shows it: each watched descriptor and libev's data word
+    for it (libev bumps the word's high half, a generation, each time it re-adds the
+    descriptor, so an unchanged word means the registration was left alone)."""
+    registrations = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            info = open(f"/proc/self/fdinfo/{fd}").read()
+        except OSError:
+            continue   # the listing's own descriptor, closed by now
+        for target, data in re.findall(r"tfd:\s*(\d+)\s+events:\s*\w+\s+data:\s*(\w+)", info):
+            registrations[int(target)] = data
+    return registrations
+
+
+def test_a_call_ending_while_the_master_holds_its_socket_leaves_the_epoll_set_alone(calls):
+    """Trap: closing the socket at once while another process (the master, for call survival)
+    holds a copy. epoll then goes on reporting a descriptor libev cannot remove any more
+    (EBADF), and libev rebuilds its whole epoll set, one system call per open call, at every
+    call's end."""
+    bystander, _ = calls()   # another call, up all along: its registration must not change
+    session, fs = calls()
+    master_copy = os.dup(session._sock.fileno())
+    try:
+        before = epoll_registrations()[bystander._sock.fileno()]
+        fs.close()
+        wait_until(lambda: session._sock.fileno() == -1, what="the session closes its socket")
+        for _ in range(3):   # a rebuild would follow within a turn or two of the loop
+            gevent.sleep(0.005)
+        assert epoll_registrations()[bystander._sock.fileno()] == before
+    finally:
+        os.close(master_copy)
 
 
 def test_iterating_the_session_ends_cleanly_at_eof(call):

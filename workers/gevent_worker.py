@@ -30,7 +30,8 @@ from gevent.lock import Semaphore
 from gateway import ipc
 from gateway.app import load_app
 from gateway.scoreboard import INDEX
-from gateway.session import Counters, ESLError, SessionClosed, Session, SessionSettings
+from gateway.session import (Counters, ESLError, SessionClosed, Session, SessionSettings,
+                             close_after_poll)
 from workers.acceptor import Acceptor
 from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, exit_status, set_title
 from workers.loop_watchdog import LoopWatchdog
@@ -305,7 +306,7 @@ class GeventWorker:
         except Exception:
             log.exception("relaying call %d failed; ending it", call_id)
         finally:
-            conn.close()
+            close_after_poll(conn)
             self.scores[COMPLETED if completed else FAILED] += 1
             if completed:
                 self._served()

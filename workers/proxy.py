@@ -216,7 +216,7 @@ class ProxiedCall:
     def _close_freeswitch(self) -> None:
         """End FreeSWITCH's side now (its dialplan goes on), whoever else holds the socket
         (the master does): FIN, then read until FreeSWITCH closes too, so that what it still
-        sends is not answered with a reset."""
+        sends is not answered with a reset. The worker closes the socket after the call."""
         try:
             self.conn.shutdown(socket.SHUT_WR)
             with gevent.Timeout(CLOSE_DRAIN_SECONDS, False):
@@ -226,4 +226,3 @@ class ProxiedCall:
                         break
         except OSError:
             pass
-        self.conn.close()
