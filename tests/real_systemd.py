@@ -18,6 +18,7 @@ directories, which ``close()`` removes.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from gevent import subprocess as gsubprocess
 from tests.gateway_process import wait_until
 
 SYSTEMD = "/lib/systemd/systemd"
+PR_SET_PDEATHSIG = 1
 HOST_UNITS = Path("/lib/systemd/system")
 STAGE_IN_NAMESPACE = "/run/esl-gateway-test"   # the staged directory, as the namespace sees it
 DEFAULT_TARGET = "esl-gateway-test.target"
@@ -46,7 +48,8 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mkdir "/sys/fs/cgroup/$ESL_TEST_CGROUP"
 echo $$ > "/sys/fs/cgroup/$ESL_TEST_CGROUP/cgroup.procs"
 umount /sys/fs/cgroup
-exec unshare --pid --fork --cgroup --ipc --uts --mount --mount-proc sh -c "$ESL_TEST_INIT"
+exec unshare --pid --fork --kill-child --cgroup --ipc --uts --mount --mount-proc \
+    sh -c "$ESL_TEST_INIT"
 """
 
 # PID 1 of the new namespaces, before it becomes systemd.
@@ -58,7 +61,7 @@ mount -o remount,bind,ro /sys
 mount --bind /proc/sys /proc/sys
 mount -o remount,bind,ro /proc/sys
 mount -t tmpfs -o mode=755 tmpfs /run
-mount -t tmpfs -o mode=755 tmpfs /var/log/journal
+if [ -d /var/log/journal ]; then mount -t tmpfs -o mode=755 tmpfs /var/log/journal; fi
 mount -t tmpfs -o mode=755 tmpfs /dev
 mknod -m 666 /dev/null c 1 3
 mknod -m 666 /dev/zero c 1 5
@@ -73,7 +76,7 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 cp -r "$ESL_TEST_STAGE" "$ESL_TEST_STAGE_IN_NAMESPACE"
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 export container=esl-gateway-test SYSTEMD_UNIT_PATH="$ESL_TEST_STAGE_IN_NAMESPACE/units"
-exec /lib/systemd/systemd --unit=esl-gateway-test.target
+exec "$ESL_TEST_SYSTEMD" --unit="$ESL_TEST_TARGET"
 """
 
 REMOVE_CGROUP = r"""
@@ -132,12 +135,15 @@ class RealSystemd:
         self.pid1: int | None = None   # systemd's PID as the host sees it
 
     def boot(self, timeout: float = 20.0) -> "RealSystemd":
-        env = dict(os.environ, ESL_TEST_CGROUP=self.cgroup, ESL_TEST_INIT=INIT,
-                   ESL_TEST_STAGE=str(self.stage), ESL_TEST_STAGE_IN_NAMESPACE=STAGE_IN_NAMESPACE)
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+               "ESL_TEST_CGROUP": self.cgroup, "ESL_TEST_INIT": INIT,
+               "ESL_TEST_STAGE": str(self.stage), "ESL_TEST_STAGE_IN_NAMESPACE": STAGE_IN_NAMESPACE,
+               "ESL_TEST_SYSTEMD": SYSTEMD, "ESL_TEST_TARGET": DEFAULT_TARGET}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", LAUNCH], env=env,
                                          stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         try:
             self.pid1 = self._wait(self._systemd_pid, timeout, "systemd started as PID 1")
             self._wait(lambda: self.systemctl("is-system-running", check=False).stdout.strip()
@@ -210,6 +216,14 @@ class RealSystemd:
                                  env=dict(os.environ, ESL_TEST_CGROUP=self.cgroup),
                                  capture_output=True)
         return removed.returncode == 0
+
+def _die_with_parent() -> None:
+    """In the launcher before exec: a test process that is killed outright (no finally runs)
+    takes the launcher with it, and ``unshare --kill-child`` then takes systemd."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
 
 def _kill(pid: int) -> None:
     try:

@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import gevent
 import pytest
 
 from gateway.simulator import CallOptions, SimulatedCall, run_load
-from tests.gateway_process import wait_until
+from tests.gateway_process import gateway_command, wait_until
 from tests.real_systemd import (STAGE_IN_NAMESPACE, RealSystemd, SystemdUnavailable,
                                 stage_base_units, why_systemd_cannot_run)
 
@@ -60,8 +59,7 @@ def stage_esl_gateway(stage: Path, port: int, socket_unit: bool) -> None:
     (units / f"{SERVICE}.d").mkdir()
     (units / f"{SERVICE}.d" / "checkout.conf").write_text(
         "[Service]\nExecStart=\n"
-        f"ExecStart={Path(sys.executable).with_name('esl-gateway')} run "
-        f"-c {STAGE_IN_NAMESPACE}/esl-gateway.ini\n"
+        f"ExecStart={' '.join(gateway_command())} run -c {STAGE_IN_NAMESPACE}/esl-gateway.ini\n"
         f"WorkingDirectory={ROOT}\nUser=root\n")
     if socket_unit:
         shutil.copy(DEPLOY / SOCKET, units / SOCKET)
