@@ -173,6 +173,7 @@ def test_shipped_units_under_real_systemd(boot_systemd):
     systemd = boot_systemd(socket_unit=True)
     assert_refused(systemd.address)   # nothing listens before the socket unit starts
     systemd.systemctl("start", SOCKET)
+    assert systemd.show(SERVICE, "ActiveState") == {"ActiveState": "inactive"}
     result = run_load(systemd.address, CALLS_PER_STEP, RATE, None, CALL)   # starts the service
     print(f"\nsocket activation: {result.counts()}")
     assert_all_completed(result)
