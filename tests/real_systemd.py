@@ -74,7 +74,15 @@ mount -t devpts -o newinstance,ptmxmode=666 devpts /dev/pts
 ln -s pts/ptmx /dev/ptmx
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 cp -r "$ESL_TEST_STAGE" "$ESL_TEST_STAGE_IN_NAMESPACE"
+for path in $ESL_TEST_KEEP; do
+  mkdir -p "/run/esl-gateway-test-keep$path"
+  mount --rbind "$path" "/run/esl-gateway-test-keep$path"
+done
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+for path in $ESL_TEST_KEEP; do
+  mkdir -p "$path"
+  mount --move "/run/esl-gateway-test-keep$path" "$path"
+done
 export container=esl-gateway-test SYSTEMD_UNIT_PATH="$ESL_TEST_STAGE_IN_NAMESPACE/units"
 exec "$ESL_TEST_SYSTEMD" --unit="$ESL_TEST_TARGET"
 """
@@ -125,10 +133,13 @@ def stage_base_units(units: Path) -> None:
 
 class RealSystemd:
     """One booted systemd. ``stage`` is a directory with ``units/`` (see ``stage_base_units``)
-    and whatever else the units refer to; the namespace sees it at STAGE_IN_NAMESPACE."""
+    and whatever else the units refer to; the namespace sees it at STAGE_IN_NAMESPACE. ``keep``:
+    host directories the units run from (a checkout, a venv), which stay visible even when they
+    lie under /tmp (a CI clone may), where the private /tmp would hide them."""
 
-    def __init__(self, stage: Path):
+    def __init__(self, stage: Path, keep=()):
         self.stage = stage
+        self.keep = _outermost_under_tmp([Path(path).resolve() for path in keep])
         self.cgroup = f"esl-gateway-test-{uuid.uuid4().hex[:12]}"
         self.log_path = stage / "init.log"
         self.proc: subprocess.Popen | None = None
@@ -138,7 +149,8 @@ class RealSystemd:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "ESL_TEST_CGROUP": self.cgroup, "ESL_TEST_INIT": INIT,
                "ESL_TEST_STAGE": str(self.stage), "ESL_TEST_STAGE_IN_NAMESPACE": STAGE_IN_NAMESPACE,
-               "ESL_TEST_SYSTEMD": SYSTEMD, "ESL_TEST_TARGET": DEFAULT_TARGET}
+               "ESL_TEST_SYSTEMD": SYSTEMD, "ESL_TEST_TARGET": DEFAULT_TARGET,
+               "ESL_TEST_KEEP": " ".join(map(str, self.keep))}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", LAUNCH], env=env,
                                          stdin=subprocess.DEVNULL, stdout=log,
@@ -216,6 +228,18 @@ class RealSystemd:
                                  env=dict(os.environ, ESL_TEST_CGROUP=self.cgroup),
                                  capture_output=True)
         return removed.returncode == 0
+
+def _outermost_under_tmp(paths: list[Path]) -> list[Path]:
+    """The paths below /tmp, without those inside another one (its bind brings them along).
+    Split on blanks by INIT's shell, so a path with one is refused rather than half-kept."""
+    tmp = Path("/tmp")
+    below = sorted({path for path in paths if path.is_relative_to(tmp) and path != tmp})
+    for path in below:
+        if any(c.isspace() for c in str(path)):
+            raise SystemdUnavailable(f"cannot keep {path} visible: it has a blank in its name")
+    return [path for path in below if not any(path.is_relative_to(other) and path != other
+                                               for other in below)]
+
 
 def _die_with_parent() -> None:
     """In the launcher before exec: a test process that is killed outright (no finally runs)

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -83,9 +84,9 @@ def boot_systemd(tmp_path):
     def boot(socket_unit: bool) -> RealSystemd:
         port = free_port()
         stage_esl_gateway(tmp_path, port, socket_unit)
-        manager = RealSystemd(tmp_path)
-        booted.append(manager)
         try:
+            manager = RealSystemd(tmp_path, keep=[ROOT, sys.prefix, sys.base_prefix])
+            booted.append(manager)
             manager.boot()
         except SystemdUnavailable as exc:
             pytest.skip(f"real systemd did not start: {exc}")
