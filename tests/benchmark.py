@@ -201,13 +201,16 @@ HELD_LONG = ("--scenario", "long", "--hold", "30")
 HELD_IVR = ("--scenario", "ivr", "--playback-ms", "25000")
 
 
-def rss_per_held_call(gateway: GatewayProcess, calls: int, procs: int,
-                      scenario: tuple[str, ...]) -> float:
+def held_calls(gateway: GatewayProcess, calls: int, procs: int,
+               scenario: tuple[str, ...]) -> tuple[float, float]:
     """RSS growth of the gateway's whole process tree per concurrent call of ``scenario``
-    (loadtest arguments), against the tree warmed up by a few hundred short calls."""
+    (loadtest arguments), against the tree warmed up by a few hundred short calls; and the
+    tree's CPU seconds per call over the whole run, which must not grow with the number of
+    calls held (a cost per open call paid at each call's end would)."""
     loadtest(gateway.address, "--calls", "500", "--rate", "250", "--procs", str(procs))
     pids = every_pid(gateway)
     before = sum(rss(pid) for pid in pids)
+    cpu_before = cpu_seconds(pids)
     load = subprocess.Popen(loadtest_command(gateway.address, *scenario, "--calls", str(calls),
                                              "--rate", "1000", "--procs", str(procs)),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -219,8 +222,8 @@ def rss_per_held_call(gateway: GatewayProcess, calls: int, procs: int,
         peak = max(peak, sum(rss(pid) for pid in every_pid(gateway)))
         if active >= calls * 0.99:
             break
-    load.wait(120)
-    return (peak - before) / calls
+    completed = json.loads(load.communicate(timeout=120)[0])["outcomes"]["completed"]
+    return (peak - before) / calls, (cpu_seconds(every_pid(gateway)) - cpu_before) / completed
 
 
 def rss(pid: int) -> int:
@@ -396,8 +399,9 @@ def main() -> int:
         # be reused and make the figure look better than it is.
         fresh = start_gateway(Path(tempfile.mkdtemp(prefix="esl-bench-")), open_files)
         try:
-            results[f"rss_kib_per_{name}_call_{held}"] = rss_per_held_call(
-                fresh, held, args.procs, scenario) / 1024
+            rss_growth, cpu = held_calls(fresh, held, args.procs, scenario)
+            results[f"rss_kib_per_{name}_call_{held}"] = rss_growth / 1024
+            results[f"cpu_ms_per_{name}_call_{held}_held"] = 1000 * cpu
         finally:
             fresh.stop()
     print(report(results))
@@ -437,6 +441,10 @@ def report(r: dict) -> str:
              f"{'RSS per held ivr call (25 s playback), 10000':<44}"
              f"{r['rss_kib_per_ivr_call_10000']:>14.1f}{'':>14}   <= 30: "
              f"{mark(r['rss_kib_per_ivr_call_10000'] <= 30)}",
+             f"{'server CPU per ivr call, 10000 held (ms)':<44}"
+             f"{r['cpu_ms_per_ivr_call_10000_held']:>14.3f}{'':>14}   x"
+             f"{r['cpu_ms_per_ivr_call_10000_held'] / r['cpu_ms_per_call']:.2f} the short "
+             "call's: a cost per open call would show here",
              f"{'SIGKILL to replacement accepting (ms)':<44}{r['replacement_s'] * 1000:>14.1f}"
              f"{'':>14}   <= 100: {mark(r['replacement_s'] <= 0.1)}",
              f"{'  the same without a spare (fork server)':<44}"
