@@ -29,6 +29,7 @@ from gevent.lock import Semaphore
 
 from gateway import ipc
 from gateway.app import load_app
+from gateway.drain import DRAIN_SIGNAL, UNDRAIN_SIGNAL
 from gateway.scoreboard import INDEX
 from gateway.session import Counters, ESLError, SessionClosed, Session, SessionSettings
 from workers.acceptor import Acceptor
@@ -139,6 +140,8 @@ class GeventWorker:
         # The master's own signals mean nothing here; a stray one must not kill calls.
         for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+        for signum in (DRAIN_SIGNAL, UNDRAIN_SIGNAL):
+            signal.signal(signum, signal.SIG_IGN)
         gevent.signal_handler(signal.SIGTERM, self.stop, "drained", "asked to stop (SIGTERM)",
                               True)
         gevent.signal_handler(signal.SIGQUIT, self.stop, "stopped", "asked to quit (SIGQUIT)",
@@ -451,6 +454,8 @@ class GeventWorker:
                 kind = message.get("t")
                 if kind == "serve" and self._state == "spare":
                     self._serve(int(message["slot"]))
+                elif kind == "listening":   # undrain: the listeners were shut down
+                    self.acceptor.listening()
                 elif kind == "resume":
                     conn = _socket.socket(fileno=self._master_fds.pop(0))
                     self._add_call(self._resume_call, conn, int(message["id"]),

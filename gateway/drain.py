@@ -1,0 +1,153 @@
+"""Host drain: make FreeSWITCH fail over to the next host at once, without resetting one call.
+
+FreeSWITCH moves on to the next ``|`` host only when a connect is *refused* (gateway.failover),
+so a drained gateway must answer SYNs with RST. The listening socket is shared by the master and
+every worker (one open file), and on Linux:
+
+* ``shutdown()`` of a listening socket stops it for every holder: it leaves LISTEN, ``accept()``
+  then fails with EINVAL, connects are refused, and ``listen()`` on the same descriptor makes it
+  listen again, on the same port (HAProxy pauses listeners this way). The port stays reserved
+  meanwhile only if it was bound explicitly, which gateway.listeners ensures.
+* but ``shutdown()`` resets every connection still in the accept queue, and those are calls.
+
+So a drain goes in two steps. First a classic BPF socket filter on the listener drops pure SYNs
+(TCP flags & (SYN|ACK) == SYN; acks of handshakes already under way pass), so no new connection
+enters while the workers accept every queued one. Once the accept queue and the half-open
+handshakes (SYN_RECV) are both gone, ``shutdown()`` resets nothing, and the filter comes off. A
+caller whose SYN was dropped meanwhile retransmits it after about a second and is refused then:
+it fails over one second late instead of being lost. Calls in progress are not touched.
+
+Undrain takes the filter off and calls ``listen()`` again; workers learn it from the master (a
+``listening`` message) and accept again. A master started on a socket systemd kept (socket
+activation, the fd store) listens on it again the same way, so a restart undrains.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import signal
+import socket
+import struct
+import time
+
+from gateway.listeners import accept_queue, describe, is_listening
+
+log = logging.getLogger("esl_gateway.master")
+
+DRAIN_SIGNAL = signal.SIGRTMIN + 1     # `esl-gateway drain`
+UNDRAIN_SIGNAL = signal.SIGRTMIN + 2   # `esl-gateway undrain`
+POLL = 0.01   # how often the master looks at the queue while it empties
+
+SO_ATTACH_FILTER, SO_DETACH_FILTER = 26, 27   # <asm-generic/socket.h>; not in Python's socket
+TCP_SYN_RECV = "03"   # a half-open handshake's state in /proc/net/tcp
+# ldb [13] (TCP flags: the filter sees the segment from its TCP header on); and #(SYN|ACK);
+# jeq #SYN: ret #0 (drop); else ret #-1 (keep the whole packet).
+SYN_DROP = ((0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x02),
+            (0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF))
+_PROGRAM = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in SYN_DROP))
+_FPROG = struct.pack("HP", len(SYN_DROP), ctypes.addressof(_PROGRAM))   # struct sock_fprog
+
+
+def hold_syns(sock: socket.socket) -> None:
+    """New connections wait (their SYNs are dropped, the client retransmits) from now on."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _FPROG)
+
+
+def release_syns(sock: socket.socket) -> None:
+    """Take the SYN filter off, if it is on (a master that died mid-drain may have left it)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:   # ENOENT: there was none
+            raise
+
+
+def half_open(sock: socket.socket) -> int:
+    """Handshakes under way on this listener (SYN_RECV request sockets, which /proc/net/tcp
+    lists and TCP_INFO does not): each becomes a queued connection when its ACK arrives."""
+    host, port = sock.getsockname()[:2]
+    files = ["/proc/net/tcp"] + (["/proc/net/tcp6"] if sock.family == socket.AF_INET6 else [])
+    # The kernel prints addresses as host-order 32-bit words in hex; a wildcard listener's
+    # handshakes carry the address they were made to, so only its port is compared.
+    wildcard = host in ("0.0.0.0", "::")
+    packed = socket.inet_pton(sock.family, host)
+    address = "".join(f"{word:08X}" for word in struct.unpack(f"={len(packed) // 4}I", packed))
+    count = 0
+    for path in files:
+        with open(path) as table:
+            next(table)
+            for line in table:
+                local, state = line.split(None, 4)[1:4:2]
+                local_address, _, local_port = local.partition(":")
+                if state == TCP_SYN_RECV and int(local_port, 16) == port and \
+                        (wildcard or local_address == address):
+                    count += 1
+    return count
+
+
+def settled(sock: socket.socket) -> bool:
+    """Nothing queued and nothing on its way into the queue (with SYNs held, nothing new can
+    start): a shutdown() now resets no connection. Half-open handshakes are looked at first:
+    once they are none, the queue can only shrink, so an empty queue after them stays empty."""
+    return accept_queue(sock)[0] == 0 and half_open(sock) == 0 and accept_queue(sock)[0] == 0
+
+
+class Drain:
+    """One drain of the master's listeners: SYNs held while the queue empties, then refused."""
+
+    def __init__(self, listeners: list[socket.socket], since: float | None = None,
+                 refusing: bool = False, backlogs: list[int] | None = None):
+        """A new drain; or, with ``since`` and the rest, one a master image handed over."""
+        self.listeners = listeners
+        self.refusing = refusing   # the listeners no longer listen: connects are refused
+        # Each listener's backlog, for listen() on undrain (it may be systemd's Backlog=).
+        self.backlogs = backlogs or [accept_queue(sock)[1] for sock in listeners]
+        if since is not None:
+            self.since = since
+        else:
+            self.since = time.monotonic()
+            for sock in listeners:
+                hold_syns(sock)
+            queued = sum(accept_queue(sock)[0] for sock in listeners)
+            log.info("drain: new connects wait (SYNs dropped) while the workers accept the %d "
+                     "call(s) queued; then the port refuses connects, so FreeSWITCH fails over",
+                     queued)
+
+    @property
+    def state(self) -> str:
+        return "refusing" if self.refusing else "emptying the queue"
+
+    def advance(self) -> None:
+        """Stop listening once every queued call has been accepted."""
+        if self.refusing or not all(settled(sock) for sock in self.listeners):
+            return
+        for sock in self.listeners:
+            sock.shutdown(socket.SHUT_RD)
+            release_syns(sock)
+        self.refusing = True
+        log.info("drain complete %.2fs after the signal: every queued call was accepted; "
+                 "connects are refused now, calls in progress go on", time.monotonic() - self.since)
+
+    def export(self) -> list:
+        """For an in-place upgrade's state: the arguments that rebuild this drain."""
+        return [self.since, self.refusing, self.backlogs]
+
+    def end(self) -> None:
+        """Undrain: take new calls again, on the same sockets."""
+        for sock, limit in zip(self.listeners, self.backlogs):
+            release_syns(sock)
+            if not is_listening(sock):
+                sock.listen(limit)
+        log.info("undrain: listening again after %.1fs drained", time.monotonic() - self.since)
+
+
+def listen_again(sock: socket.socket, backlog: int) -> None:
+    """A socket handed to a new master (by systemd) as a drained one left it: filter off, and
+    listening."""
+    release_syns(sock)
+    if not is_listening(sock):
+        log.warning("the listening socket %s was handed over not listening (its gateway was "
+                    "drained): listening again", describe(sock))
+        sock.listen(backlog)
