@@ -220,6 +220,12 @@ def slots(master, live: dict, now: float) -> list[dict]:
     return view
 
 
+def ready_workers(view: dict) -> list[dict]:
+    """The serving generation's workers that accept calls."""
+    return [w for w in view["workers"]
+            if w["generation"] == view["master"]["generation"] and w["state"] == "ready"]
+
+
 def health(view: dict, queue_limit: int) -> dict:
     """Healthy while a serving worker is ready and no accept queue is backing up, unless the
     host is drained: a load balancer or a monitor sees the drain from its first moment."""
@@ -227,8 +233,7 @@ def health(view: dict, queue_limit: int) -> dict:
     if drain is not None:
         return {"ok": False, "reason": f"draining: {drain['state']} "
                                        f"({drain['since_s']:.0f}s since the drain)"}
-    ready = [w for w in view["workers"]
-             if w["generation"] == view["master"]["generation"] and w["state"] == "ready"]
+    ready = ready_workers(view)
     backed_up = [s["address"] for s in view["listeners"] if s["queue"] >= queue_limit]
     if not ready:
         return {"ok": False, "reason": "no worker is ready to accept calls"}
@@ -276,6 +281,9 @@ class _SnapshotCollector:
             yield CounterMetricFamily(f"esl_gateway_{key}", what, value=master[key])
         yield GaugeMetricFamily("esl_gateway_healthy", "1 while /healthz answers 200",
                                 value=int(view["health"]["ok"]))
+        yield GaugeMetricFamily("esl_gateway_workers_ready",
+                                "workers of the serving generation ready to accept calls",
+                                value=len(ready_workers(view)))
         yield GaugeMetricFamily("esl_gateway_draining", "1 from a drain until the undrain "
                                 "(new calls go to the dialplan's next host)",
                                 value=int(master["drain"] is not None))
