@@ -39,6 +39,7 @@ log = logging.getLogger("esl_gateway.master")
 DRAIN_SIGNAL = signal.SIGRTMIN + 1     # `esl-gateway drain`
 UNDRAIN_SIGNAL = signal.SIGRTMIN + 2   # `esl-gateway undrain`
 POLL = 0.01   # how often the master looks at the queue while it empties
+SLOW_WARNING = 5.0   # seconds between two warnings that the queue is still not empty
 
 SO_ATTACH_FILTER, SO_DETACH_FILTER = 26, 27   # <asm-generic/socket.h>; not in Python's socket
 TCP_SYN_RECV = "03"   # a half-open handshake's state in /proc/net/tcp
@@ -102,6 +103,7 @@ class Drain:
         """A new drain; or, with ``since`` and the rest, one a master image handed over."""
         self.listeners = listeners
         self.refusing = refusing   # the listeners no longer listen: connects are refused
+        self.warned_at = time.monotonic()   # the queue empties in milliseconds, normally
         # Each listener's backlog, for listen() on undrain (it may be systemd's Backlog=).
         self.backlogs = backlogs or [accept_queue(sock)[1] for sock in listeners]
         if since is not None:
@@ -121,7 +123,16 @@ class Drain:
 
     def advance(self) -> None:
         """Stop listening once every queued call has been accepted."""
-        if self.refusing or not all(settled(sock) for sock in self.listeners):
+        if self.refusing:
+            return
+        if not all(settled(sock) for sock in self.listeners):
+            now = time.monotonic()
+            if now - self.warned_at >= SLOW_WARNING:
+                self.warned_at = now
+                log.warning("drain: %d call(s) still queued %.0fs after the signal (workers "
+                            "full, stopped or gone?); new connects keep waiting until they "
+                            "are accepted", sum(accept_queue(sock)[0] for sock in self.listeners),
+                            now - self.since)
             return
         for sock in self.listeners:
             sock.shutdown(socket.SHUT_RD)
