@@ -239,7 +239,7 @@ class Master:
             getattr(self, f"handle_{self.HANDLERS[self.signal_queue.popleft()]}")()
         self._adopt_forked()
         self._read_ledgers()
-        if self.drain is not None:
+        if self.drain is not None and not self.stopping:   # stopping workers accept no more
             self.drain.advance()
         if self.stopping:
             if not (self.workers or self.forking or self.forkservers):
@@ -384,11 +384,16 @@ class Master:
             return
         self.drain.end()
         self.drain = None
-        for record in self.workers.values():   # those paused on a listener that was shut down
+        # Workers stopped watching the listener when it was shut down; those being forked too.
+        for record in self._all_workers():
+            if record.channel.fileno() < 0:
+                continue   # it is gone: the reaper sees it
             try:
                 record.channel.send(ipc.pack("listening"))
-            except OSError:
-                pass   # it is dying (the reaper sees it), or closed: a new worker accepts anyway
+            except OSError as exc:   # a full channel: it would never accept again
+                log.warning("%s (pid %s) cannot be told to accept again (%s); retiring it, its "
+                            "replacement accepts", record.name, record.pid, exc)
+                self._retire(record, signal.SIGTERM)
 
     def stop(self, graceful: bool) -> None:
         if self.stopping and (graceful or not self.graceful_stop):
