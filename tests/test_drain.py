@@ -11,7 +11,7 @@ import time
 import gevent
 from gevent import subprocess as gsubprocess
 
-from gateway import drain, failover, listeners
+from gateway import drain, failover, listeners, report
 from gateway.simulator import CallOptions, SimulatedCall, run_load
 from tests.gateway_process import gateway_command, wait_until
 
@@ -125,7 +125,9 @@ def test_drain_serves_every_call_already_queued(start_gateway):
     assert late_result.duration_ms > 500   # its first SYN was dropped, the retransmit refused
     assert SimulatedCall(gateway.address, CallOptions(), random.Random(7)).run().outcome == \
         "refused"
-    assert gateway.stats()["listeners"][0]["listening"] is False
+    view = gateway.stats()
+    assert view["listeners"][0]["listening"] is False
+    assert "NOT LISTENING (drained: refuses connects)" in report.render(view)
     gateway.signal(drain.UNDRAIN_SIGNAL)
     wait_until(lambda: health(gateway)[0] == 200, 5, "/healthz 200 after undrain")
     assert run_load(gateway.address, calls=20, rate=100).counts()["completed"] == 20
