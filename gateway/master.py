@@ -823,8 +823,11 @@ class Master:
         connection up after its own worker closed it)."""
         try:
             signal.set_wakeup_fd(-1)
+            # The drain's signals are for the master alone; their default action would end a
+            # child (a worker, a fork server) that one sent to the whole unit reached.
             for signum in self.HANDLERS:
-                signal.signal(signum, signal.SIG_DFL)
+                signal.signal(signum, signal.SIG_IGN if signum in drain.SIGNALS else
+                              signal.SIG_DFL)
             self.selector.close()
             if self.stats_server is not None:
                 self.stats_server.drop_in_child()

@@ -93,7 +93,8 @@ def test_drain_serves_every_call_already_queued(start_gateway):
     """50 calls wait in the accept queue (both workers SIGSTOPped); the drain starts then. Its
     /healthz says draining at once, the port stays listening while they wait; once the workers
     run again all 50 are served, none reset, and only then are connects refused. A call dialled
-    meanwhile (its SYN dropped) is refused on its retransmission, about a second later."""
+    meanwhile (its SYN dropped) is refused on its retransmission, about a second later. The
+    undrain goes to the whole process group: the children ignore it."""
     gateway = start_gateway(workers=2, args=["--spare-workers", "0"])
     workers = gateway.worker_pids()
     assert len(workers) == 2
@@ -128,9 +129,12 @@ def test_drain_serves_every_call_already_queued(start_gateway):
     view = gateway.stats()
     assert view["listeners"][0]["listening"] is False
     assert "NOT LISTENING (drained: refuses connects)" in report.render(view)
-    gateway.signal(drain.UNDRAIN_SIGNAL)
+    forkers = gateway.worker_pids("fork server")
+    os.killpg(gateway.pid, drain.UNDRAIN_SIGNAL)   # the whole unit, as `systemctl kill` would
     wait_until(lambda: health(gateway)[0] == 200, 5, "/healthz 200 after undrain")
     assert run_load(gateway.address, calls=20, rate=100).counts()["completed"] == 20
+    # Only the master acts on the drain's signals; its children ignore them.
+    assert gateway.worker_pids() == workers and gateway.worker_pids("fork server") == forkers
 
 
 def test_a_drained_socket_handed_to_a_new_master_listens_again(start_gateway):

@@ -29,7 +29,6 @@ from gevent.lock import Semaphore
 
 from gateway import ipc
 from gateway.app import load_app
-from gateway.drain import DRAIN_SIGNAL, UNDRAIN_SIGNAL
 from gateway.scoreboard import INDEX
 from gateway.session import Counters, ESLError, SessionClosed, Session, SessionSettings
 from workers.acceptor import Acceptor
@@ -140,8 +139,6 @@ class GeventWorker:
         # The master's own signals mean nothing here; a stray one must not kill calls.
         for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-        for signum in (DRAIN_SIGNAL, UNDRAIN_SIGNAL):
-            signal.signal(signum, signal.SIG_IGN)
         gevent.signal_handler(signal.SIGTERM, self.stop, "drained", "asked to stop (SIGTERM)",
                               True)
         gevent.signal_handler(signal.SIGQUIT, self.stop, "stopped", "asked to quit (SIGQUIT)",
