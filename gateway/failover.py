@@ -46,8 +46,8 @@ def fails_over(error: OSError) -> bool:
 @dataclass
 class HostTally:
     """One target's share of the calls: those it took (the TCP handshake completed there, then
-    any outcome), the connects it refused (each one sent that call on to the next host) and the
-    calls that stalled in its handshake (timed out there, no other host tried)."""
+    any outcome), the connects it refused (the call went on to the next host, if there was
+    one) and the calls that stalled in its handshake (timed out there, no other host tried)."""
 
     calls: int = 0
     refused: int = 0

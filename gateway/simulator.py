@@ -1,6 +1,7 @@
 """FreeSWITCH's side of outbound Event Socket calls, for tests, ``probe``-style checks and load.
 
-Each simulated call dials the gateway as the dialplan's ``socket`` app does, waits (up to 25 s,
+Each simulated call dials the gateway as the dialplan's ``socket`` app does (given a list of
+hosts, the next one when a connect is refused or unreachable: gateway.failover), waits (up to 25 s,
 like FreeSWITCH) for ``connect``, answers with a CHANNEL_DATA reply and then plays
 mod_event_socket: replies to every command with FreeSWITCH's exact texts, queues ``sendmsg``
 applications and runs them in order as the parked channel does, emits the events FreeSWITCH emits
@@ -10,7 +11,7 @@ lingers, sends the disconnect notice and closes. The caller may hang up on its o
 
 * ``completed``: the call was hung up and the connection then closed;
 * ``early_close``: the gateway closed (or sent ``exit``) while the call was still up;
-* ``refused`` / ``reset``: connection refused, or reset at any point;
+* ``refused`` / ``reset``: connection refused (by every host), or reset at any point;
 * ``timeout``: no ``connect`` in time, the call outlived its deadline, or the gateway kept the
   socket open after the disconnect notice;
 * ``protocol_error``: the gateway sent something FreeSWITCH would choke on.
@@ -76,7 +77,7 @@ class CallResult:
     transferred_to: str | None = None    # the `transfer` app's argument, if the gateway sent one
     local_address: str = ""              # our end of the connection, "ip:port"
     host: str = ""                       # the target last dialled (the one that took the call)
-    refused_by: list[str] = field(default_factory=list)   # targets tried before it, in order
+    refused_by: list[str] = field(default_factory=list)   # targets that refused it, in order
 
     @property
     def served_by(self) -> int | None:
