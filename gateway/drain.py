@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import os
 import signal
 import socket
 import struct
@@ -43,18 +44,30 @@ POLL = 0.01   # how often the master looks at the queue while it empties
 SLOW_WARNING = 5.0   # seconds between two warnings that the queue is still not empty
 
 SO_ATTACH_FILTER, SO_DETACH_FILTER = 26, 27   # <asm-generic/socket.h>; not in Python's socket
-TCP_SYN_RECV = "03"   # a half-open handshake's state in /proc/net/tcp
+# sock_diag (<linux/sock_diag.h>, <linux/inet_diag.h>): a dump of the TCP sockets in one state.
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
+TCP_SYN_RECV = 3
+NLMSG = struct.Struct("=IHHII")           # struct nlmsghdr
+DIAG_REQUEST = struct.Struct("=BBBBI48s")  # struct inet_diag_req_v2, its sockid zeroed
+DIAG_MESSAGE = struct.Struct("=4x2s2x16s")   # struct inet_diag_msg: sport (big-endian), src
 # ldb [13] (TCP flags: the filter sees the segment from its TCP header on); and #(SYN|ACK);
 # jeq #SYN: ret #0 (drop); else ret #-1 (keep the whole packet).
 SYN_DROP = ((0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x02),
             (0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF))
-_PROGRAM = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in SYN_DROP))
-_FPROG = struct.pack("HP", len(SYN_DROP), ctypes.addressof(_PROGRAM))   # struct sock_fprog
+
+
+def attach_filter(sock: socket.socket, program) -> None:
+    """Attach a classic BPF program, (code, jt, jf, k) per instruction, to ``sock``. The
+    kernel copies it (struct sock_fprog), so the buffer need not outlive the call."""
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                    struct.pack("HP", len(program), ctypes.addressof(code)))
 
 
 def hold_syns(sock: socket.socket) -> None:
     """New connections wait (their SYNs are dropped, the client retransmits) from now on."""
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _FPROG)
+    attach_filter(sock, SYN_DROP)
 
 
 def release_syns(sock: socket.socket) -> None:
@@ -67,26 +80,32 @@ def release_syns(sock: socket.socket) -> None:
 
 
 def half_open(sock: socket.socket) -> int:
-    """Handshakes under way on this listener (SYN_RECV request sockets, which /proc/net/tcp
-    lists and TCP_INFO does not): each becomes a queued connection when its ACK arrives."""
+    """Handshakes under way on this listener: SYN_RECV request sockets, which TCP_INFO does not
+    count; each becomes a queued connection when its ACK arrives. Asked of the kernel with
+    sock_diag (as ``ss -tn state syn-recv`` does), which sends only sockets in that state:
+    /proc/net/tcp would list every socket of the namespace (tens of milliseconds to read on a
+    busy host). A dual-stack listener's IPv4 handshakes are listed as IPv6, v4-mapped."""
     host, port = sock.getsockname()[:2]
-    files = ["/proc/net/tcp"] + (["/proc/net/tcp6"] if sock.family == socket.AF_INET6 else [])
-    # The kernel prints addresses as host-order 32-bit words in hex; a wildcard listener's
-    # handshakes carry the address they were made to, so only its port is compared.
-    wildcard = host in ("0.0.0.0", "::")
-    packed = socket.inet_pton(sock.family, host)
-    address = "".join(f"{word:08X}" for word in struct.unpack(f"={len(packed) // 4}I", packed))
+    address = socket.inet_pton(sock.family, host)
+    wildcard = not any(address)   # its handshakes carry the address they were made to
+    request = DIAG_REQUEST.pack(sock.family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_SYN_RECV, b"")
     count = 0
-    for path in files:
-        with open(path) as table:
-            next(table)
-            for line in table:
-                local, state = line.split(None, 4)[1:4:2]
-                local_address, _, local_port = local.partition(":")
-                if state == TCP_SYN_RECV and int(local_port, 16) == port and \
-                        (wildcard or local_address == address):
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as diag:
+        diag.send(NLMSG.pack(NLMSG.size + len(request), SOCK_DIAG_BY_FAMILY,
+                             NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + request)
+        while True:
+            data, offset = diag.recv(65536), 0
+            while offset < len(data):
+                length, kind, _, _, _ = NLMSG.unpack_from(data, offset)
+                if kind == NLMSG_DONE:
+                    return count
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, offset + NLMSG.size)[0]
+                    raise OSError(code, f"sock_diag: {os.strerror(code)}")
+                local_port, local = DIAG_MESSAGE.unpack_from(data, offset + NLMSG.size)
+                if int.from_bytes(local_port, "big") == port and (wildcard or local[:len(address)] == address):
                     count += 1
-    return count
+                offset += (length + 3) & ~3   # NLMSG_ALIGN
 
 
 def settled(sock: socket.socket) -> bool:

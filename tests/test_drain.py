@@ -2,6 +2,7 @@
 two gateways behind FreeSWITCH's `host1|host2` failover, a drain with calls in the accept queue,
 and a drained socket handed to a new master as systemd would."""
 
+import errno
 import os
 import random
 import signal
@@ -9,6 +10,7 @@ import socket
 import time
 
 import gevent
+import pytest
 from gevent import subprocess as gsubprocess
 
 from gateway import drain, failover, listeners, report
@@ -35,6 +37,54 @@ def drain_and_wait(gateway, complete: int = 1) -> float:
 
 def started(result) -> float:
     return result.ended_at - result.duration_ms / 1000
+
+
+# For a client: drop SYN-ACKs (flags & (SYN|ACK) == SYN|ACK), so its handshake stays half done.
+SYNACK_DROP = ((0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x12),
+               (0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF))
+
+
+def connect(address, timeout=1.0) -> socket.socket:
+    return socket.create_connection(address, timeout=timeout)
+
+
+def test_the_kernel_facts_a_drain_relies_on():
+    """On this kernel: shutdown() of a listener resets the calls in its queue (why the queue is
+    emptied first), then refuses connects, makes accept() fail with EINVAL, and listen() on the
+    same descriptor listens again on the same port; the SYN filter makes a connect wait while
+    queued connections are still accepted and carry data; a half-done handshake is counted."""
+    sock = listeners.bind("127.0.0.1:0", 16)
+    address = sock.getsockname()
+    queued = connect(address)
+    wait_until(lambda: listeners.accept_queue(sock)[0] == 1, 2, "one queued")
+    sock.shutdown(socket.SHUT_RD)
+    with pytest.raises(ConnectionResetError):
+        queued.recv(1)
+    with pytest.raises(ConnectionRefusedError):
+        connect(address)
+    with pytest.raises(OSError) as accepting:
+        sock.accept()
+    assert accepting.value.errno == errno.EINVAL and not listeners.is_listening(sock)
+    sock.listen(16)
+    assert sock.getsockname() == address and listeners.is_listening(sock)
+    queued = connect(address)
+    wait_until(lambda: listeners.accept_queue(sock)[0] == 1, 2, "one queued")
+    drain.hold_syns(sock)
+    with pytest.raises(socket.timeout):
+        connect(address, timeout=0.3)
+    assert not drain.settled(sock)
+    accepted, _ = sock.accept()
+    queued.sendall(b"call")
+    assert accepted.recv(4) == b"call"
+    half = socket.socket()
+    drain.attach_filter(half, SYNACK_DROP)
+    drain.release_syns(sock)
+    half.setblocking(False)
+    half.connect_ex(address)
+    wait_until(lambda: drain.half_open(sock) == 1, 2, "a half-open handshake")
+    assert listeners.accept_queue(sock)[0] == 0 and not drain.settled(sock)
+    for each in (half, queued, accepted, sock):
+        each.close()
 
 
 def test_rolling_drain_of_a_two_host_fleet(start_gateway):
