@@ -1,5 +1,5 @@
-"""``esl-gateway`` command line: ``run`` starts the master; ``reload`` and ``upgrade`` signal it;
-``stats`` and ``top`` show what it sees."""
+"""``esl-gateway`` command line: ``run`` starts the master; ``reload``, ``upgrade``, ``drain`` and
+``undrain`` signal it; ``stats`` and ``top`` show what it sees."""
 
 from __future__ import annotations
 
@@ -10,12 +10,22 @@ import os
 import signal
 import sys
 
-from gateway import __version__, config, loadtest, probe, upgrade
+from gateway import __version__, config, drain, loadtest, probe, upgrade
 from gateway.app import check_app
 from workers.base import EXIT_BOOT_ERROR
 
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 DEFAULT_WORKER = "workers.gevent_worker:GeventWorker"
+# The commands that signal the master: (signal, its name as `kill -s` takes it, what it does).
+SIGNAL_COMMANDS = {
+    "reload": (signal.SIGHUP, "HUP", "start a new generation of workers with re-read config and "
+                                     "fresh app code"),
+    "upgrade": (signal.SIGUSR2, "USR2", "re-exec the master with new code, same PID"),
+    "drain": (drain.DRAIN_SIGNAL, "RTMIN+1",
+              "take no new calls: serve every queued call, then refuse connects so FreeSWITCH "
+              "fails over to the next host; calls in progress go on"),
+    "undrain": (drain.UNDRAIN_SIGNAL, "RTMIN+2", "take new calls again after a drain"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("-i", "--interval", type=float, default=2.0, metavar="SECONDS")
             command.add_argument("-n", "--count", type=int, metavar="N",
                                  help="stop after N screens (default: until Ctrl-C)")
-    for name, what in (("reload", "start a new generation of workers with re-read config and "
-                                  "fresh app code (HUP)"),
-                       ("upgrade", "re-exec the master with new code, same PID (USR2)")):
+    for name, (_, signal_name, what) in SIGNAL_COMMANDS.items():
+        what = f"{what} ({signal_name})"
         command = commands.add_parser(name, help=what, description=what)
         target = command.add_mutually_exclusive_group(required=True)
         target.add_argument("-p", "--pidfile", metavar="FILE", help="the master's --pidfile")
@@ -90,14 +99,15 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         return 1
 
 
-def cmd_signal(args: argparse.Namespace, signum: int) -> int:
+def cmd_signal(args: argparse.Namespace) -> int:
+    signum, name, _ = SIGNAL_COMMANDS[args.command]
     try:
         pid = args.pid or int(open(args.pidfile).read().strip())
         os.kill(pid, signum)
     except (OSError, ValueError) as exc:
         print(f"esl-gateway: cannot signal the master: {exc}", file=sys.stderr)
         return 1
-    print(f"sent {signal.Signals(signum).name} to master {pid}; its log tells how it went")
+    print(f"sent SIG{name} to master {pid}; its log tells how it went")
     return 0
 
 
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return loadtest.main(args)
     if args.command == "probe":
         return probe.main(args)
-    return cmd_signal(args, signal.SIGHUP if args.command == "reload" else signal.SIGUSR2)
+    return cmd_signal(args)
 
 
 if __name__ == "__main__":

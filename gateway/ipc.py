@@ -15,8 +15,9 @@ each worker's shared page (gateway.scoreboard). Workers send what they *say*:
 * ``boot_error`` / ``crash`` / ``app_exit``: the traceback that is about to end the worker, and
   for ``app_exit`` the code the app passed to sys.exit().
 
-The master sends ``serve`` (a spare takes a slot) and ``resume`` (take over an orphaned call;
-its socket travels with the message, SCM_RIGHTS).
+The master sends ``serve`` (a spare takes a slot), ``resume`` (take over an orphaned call;
+its socket travels with the message, SCM_RIGHTS) and ``listening`` (an undrain: the listeners a
+drain shut down listen again, see gateway.drain).
 
 Beside this channel each worker has its *call ledger*: a socket on which it passes the master a
 copy of every call's socket as it accepts it (SCM_RIGHTS) and says when each call ends. Records

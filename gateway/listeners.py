@@ -9,6 +9,11 @@ workers freezes the losers of each accept race inside accept().
 from __future__ import annotations
 
 import socket
+import struct
+
+# struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked, sacked. On a
+# listening socket unacked is the accept queue's length and sacked its limit.
+TCP_INFO = struct.Struct("8xIIIIII")
 
 
 def parse_address(text: str) -> tuple[int, tuple[str, int]]:
@@ -41,6 +46,25 @@ def tune(sock: socket.socket) -> None:
 
 def bind(text: str, backlog: int) -> socket.socket:
     family, address = parse_address(text)
+    if address[1] == 0:
+        # The kernel chooses the port; then we bind that port by number. A port the kernel
+        # chose is given back when a drain shuts the listener down (gateway.drain), and listen()
+        # would pick another; a port bound by number stays ours.
+        with _bound(family, address) as chooser:
+            return bind(describe(chooser), backlog)
+    sock = _bound(family, address)
+    try:
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bound(family: int, address: tuple[str, int]) -> socket.socket:
+    """A TCP socket bound to ``address`` (SO_REUSEADDR: two bound, not listening, may share a
+    port), with the options calls inherit."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -49,12 +73,22 @@ def bind(text: str, backlog: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         tune(sock)
         sock.bind(address)
-        sock.listen(backlog)
-        sock.setblocking(False)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def accept_queue(sock: socket.socket) -> tuple[int, int]:
+    """(connections waiting to be accepted, the queue's limit) for a listening TCP socket."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO.size)
+    _, _, _, _, queued, limit = TCP_INFO.unpack_from(info)
+    return queued, limit
+
+
+def is_listening(sock: socket.socket) -> bool:
+    """False once a drain shut the socket down (gateway.drain)."""
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 def describe(sock: socket.socket) -> str:

@@ -18,7 +18,7 @@ import selectors
 import sys
 import time
 
-from gateway.listeners import parse_address
+from gateway import failover
 from gateway.protocol import SOCKET_MODES
 
 # gateway.simulator (gevent) is imported where it is used: the `esl-gateway` command line that
@@ -30,7 +30,11 @@ PERCENTILES = (0.5, 0.9, 0.99, 1.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("address", metavar="HOST:PORT", help="the outbound ESL server")
+    parser.add_argument("address", metavar="HOST:PORT[|HOST:PORT...]",
+                        type=failover.parse_targets,
+                        help="the outbound ESL server, or several tried in order with "
+                             "FreeSWITCH's failover (the next one only on a refused or "
+                             "unreachable connect)")
     parser.add_argument("--scenario", choices=SCENARIOS, default="ivr")
     parser.add_argument("--rate", type=float, default=None, metavar="CALLS_PER_S",
                         help="open loop: new calls per second (default: as fast as "
@@ -78,7 +82,7 @@ def call_count(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace, progress=None):
     """Offer the calls the command line asks for; ``progress(counts, elapsed)`` now and then."""
-    return offer(parse_address(args.address)[1], call_count(args), args.rate, args.concurrency,
+    return offer(args.address, call_count(args), args.rate, args.concurrency,
                  call_options(args), args.procs, progress)
 
 
@@ -187,6 +191,8 @@ def summary(result, args: argparse.Namespace) -> dict:
     for name, attribute in (("first_byte_ms", "first_byte_ms"), ("call_ms", "duration_ms")):
         view[name] = {("max" if q == 1.0 else f"p{int(q * 100)}"):
                       _round(result.percentile(attribute, q)) for q in PERCENTILES}
+    view["hosts"] = {host: vars(figures) for host, figures in
+                     failover.tally(args.address, result.results).items()}
     failures = result.failures()
     view["failure_examples"] = sorted({f"{r.outcome}: {r.detail}" for r in failures})[:5]
     return view
@@ -205,6 +211,10 @@ def table(view: dict) -> str:
         values = view[name].values()
         lines.append(f"  {label:<12}" + "".join(
             f"{'-' if v is None else f'{v:.1f} ms':>10}" for v in values))
+    if len(view["hosts"]) > 1:
+        lines += ["", f"  {'host':<24}{'calls':>8}{'refused':>9}{'stalled':>9}"]
+        lines += [f"  {host:<24}{f['calls']:>8}{f['refused']:>9}{f['stalled']:>9}"
+                  for host, f in view["hosts"].items()]
     if view["failure_examples"]:
         lines += ["", "  failures, e.g.:"] + [f"    {text}" for text in view["failure_examples"]]
     return "\n".join(lines)

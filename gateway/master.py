@@ -10,7 +10,8 @@ the kernel's accept queue.
 Workers belong to generations. A reload (HUP) starts generation N+1 with the re-read config and
 fresh app code; only when all its workers are ready does N stop accepting and drain. An upgrade
 (USR2) re-execs the master itself in place (same PID, see gateway.upgrade) and then does the same
-with the new code.
+with the new code. A drain (gateway.drain) makes the port refuse connects, once every queued
+call is accepted, so FreeSWITCH fails over to the next host; an undrain listens again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from gateway import __version__, ipc, listeners, stats, systemd, upgrade
+from gateway import __version__, drain, ipc, listeners, stats, systemd, upgrade
 from gateway.backoff import RespawnBackoff
 from gateway.httpserver import HTTPServer
 from gateway.scoreboard import FIELDS, INDEX, CounterBlock
@@ -134,6 +135,9 @@ class PendingReload:
 
 class Master:
     SIGNALS = ("CHLD", "HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "USR1", "USR2", "WINCH")
+    # Each signal's handle_<name>; the drain's two have no name of their own (real-time ones).
+    HANDLERS = {**{getattr(signal, f"SIG{name}"): name.lower() for name in SIGNALS},
+                drain.DRAIN_SIGNAL: "drain", drain.UNDRAIN_SIGNAL: "undrain"}
 
     def __init__(self, config, worker_class: str, argv: list[str], load_config):
         self.config = config              # the serving generation's; a pending one has its own
@@ -150,6 +154,7 @@ class Master:
         self.ledgers_read_at = 0.0
         self.generation = 1
         self.pending: PendingReload | None = None
+        self.drain: drain.Drain | None = None   # drained or draining: see gateway.drain
         self.switchover: Switchover | None = None
         self.upgrade_check: tuple[int, int] | None = None   # (check pid, state fd)
         self.upgrade_signalled_at = 0.0
@@ -227,13 +232,15 @@ class Master:
         if not self.stopping:
             self.manage_workers()
         next_spawn = self.backoff.next_spawn_in(time.monotonic())
-        self._wait(min(self.tick, ipc.LEDGER_POLL,
+        emptying = self.drain is not None and not self.drain.refusing
+        self._wait(min(self.tick, ipc.LEDGER_POLL, drain.POLL if emptying else LOOP_TICK,
                        LOOP_TICK if next_spawn is None else next_spawn))
         while self.signal_queue:
-            name = signal.Signals(self.signal_queue.popleft()).name[3:].lower()
-            getattr(self, f"handle_{name}")()
+            getattr(self, f"handle_{self.HANDLERS[self.signal_queue.popleft()]}")()
         self._adopt_forked()
         self._read_ledgers()
+        if self.drain is not None and not self.stopping:   # stopping workers accept no more
+            self.drain.advance()
         if self.stopping:
             if not (self.workers or self.forking or self.forkservers):
                 return True
@@ -257,6 +264,7 @@ class Master:
             for sock, _ in inherited:
                 listeners.tune(sock)
                 sock.setblocking(False)
+                drain.listen_again(sock, self.config.backlog)
             return [sock for sock, _ in inherited]
         socks = [listeners.bind(addr, self.config.backlog) for addr in self.config.bind]
         if systemd.store_fds(socks, "esl-gateway"):
@@ -296,13 +304,13 @@ class Master:
         os.set_blocking(self.pipe_r, False)
         os.set_blocking(self.pipe_w, False)
         self.selector.register(self.pipe_r, selectors.EVENT_READ, None)
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, f"SIG{name}"), self._queue_signal)
+        for signum in self.HANDLERS:
+            signal.signal(signum, self._queue_signal)
         # An upgrade execs us with these blocked so none is lost (or kills us) meanwhile.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signal_numbers())
 
     def _signal_numbers(self) -> set[int]:
-        return {getattr(signal, f"SIG{name}") for name in self.SIGNALS}
+        return set(self.HANDLERS)
 
     def _queue_signal(self, signum, _frame) -> None:
         self.signal_queue.append(signum)
@@ -363,6 +371,29 @@ class Master:
 
     def handle_winch(self) -> None:
         pass   # terminal resize: never a reason to touch workers
+
+    def handle_drain(self) -> None:
+        if self.drain is not None:
+            log.info("drain: already draining (%s)", self.drain.state)
+            return
+        self.drain = drain.Drain(self.listeners)
+
+    def handle_undrain(self) -> None:
+        if self.drain is None:
+            log.info("undrain: not drained; nothing to do")
+            return
+        self.drain.end()
+        self.drain = None
+        # Workers stopped watching the listener when it was shut down; those being forked too.
+        for record in self._all_workers():
+            if record.channel.fileno() < 0:
+                continue   # it is gone: the reaper sees it
+            try:
+                record.channel.send(ipc.pack("listening"))
+            except OSError as exc:   # a full channel: it would never accept again
+                log.warning("%s (pid %s) cannot be told to accept again (%s); retiring it, its "
+                            "replacement accepts", record.name, record.pid, exc)
+                self._retire(record, signal.SIGTERM)
 
     def stop(self, graceful: bool) -> None:
         if self.stopping and (graceful or not self.graceful_stop):
@@ -565,6 +596,7 @@ class Master:
             "signalled_at": self.upgrade_signalled_at,
             "exit_counts": self.exit_counts,
             "listen_baseline": self.listen_baseline,
+            "drain": self.drain.export() if self.drain else None,
             "stats_fd": self.stats_server.sock.fileno() if self.stats_server else None,
             "stats_family": self.stats_server.sock.family if self.stats_server else None,
         }
@@ -604,6 +636,8 @@ class Master:
         self.started_at = state["started_at"]
         self.exit_counts = state["exit_counts"]
         self.listen_baseline = state["listen_baseline"]
+        if state["drain"] is not None:
+            self.drain = drain.Drain(self.listeners, *state["drain"])
         self.config.workers = state["workers_wanted"]
         self.ready_notified = True
         self.reap_workers()   # children that died while we were exec'ing
@@ -789,8 +823,11 @@ class Master:
         connection up after its own worker closed it)."""
         try:
             signal.set_wakeup_fd(-1)
-            for name in self.SIGNALS:
-                signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
+            # The drain's signals are for the master alone; their default action would end a
+            # child (a worker, a fork server) that one sent to the whole unit reached.
+            for signum in self.HANDLERS:
+                signal.signal(signum, signal.SIG_IGN if signum in drain.SIGNALS else
+                              signal.SIG_DFL)
             self.selector.close()
             if self.stats_server is not None:
                 self.stats_server.drop_in_child()

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from gateway.listeners import parse_address
+from gateway import failover
 from gateway.protocol import SOCKET_MODES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("address", metavar="HOST:PORT", help="the listener to probe")
+    parser.add_argument("address", metavar="HOST:PORT[|HOST:PORT...]",
+                        help="the listener to probe, or several tried in order with "
+                             "FreeSWITCH's failover")
     parser.add_argument("--wait", type=float, default=25.0, metavar="SECONDS",
                         help="how long to wait for `connect` (FreeSWITCH waits 25 s)")
     parser.add_argument("--mode", choices=SOCKET_MODES, default="async full",
@@ -37,9 +39,14 @@ def probe(args: argparse.Namespace) -> tuple[bool, list[str]]:
     socket_mode, control = SOCKET_MODES[args.mode]
     options = CallOptions(socket_mode=socket_mode, control=control, connect_wait=args.wait,
                           call_deadline=args.wait + 60)
-    result = SimulatedCall(parse_address(args.address)[1], options, random.Random()).run()
+    result = SimulatedCall(failover.parse_targets(args.address), options, random.Random()).run()
     lines = [f"probing {args.address} as FreeSWITCH's `socket {args.address} {args.mode}` "
              "would call it:"]
+    if "|" in args.address:
+        lines += [f"{host}: refused (FreeSWITCH tries the next host at once)"
+                  for host in result.refused_by]
+        if result.accepted_ms is not None:
+            lines.append(f"{result.host}: took the call")
     if result.accepted_ms is None:
         if result.outcome == "refused":
             lines.append(f"REFUSED: {result.detail}. Nothing accepts connections there: "

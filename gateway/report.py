@@ -65,7 +65,9 @@ def render(view: dict, rate: float | None = None) -> str:
         f"health: {'ok' if view['health']['ok'] else 'FAILING'} ({view['health']['reason']})",
     ]
     for sock in view["listeners"]:
-        lines.append(f"listener {sock['address']}  accept queue {sock['queue']}/"
+        lines.append(f"listener {sock['address']}"
+                     + ("" if sock["listening"] else "  NOT LISTENING (drained: refuses connects)")
+                     + f"  accept queue {sock['queue']}/"
                      f"{sock['queue_limit']}  listen overflows {view['listen_overflows']}  "
                      f"drops {view['listen_drops']} (since start, whole namespace)")
     lines.append(f"calls: {totals['calls_active']} active, {totals['calls']} total, "

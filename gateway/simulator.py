@@ -1,6 +1,7 @@
 """FreeSWITCH's side of outbound Event Socket calls, for tests, ``probe``-style checks and load.
 
-Each simulated call dials the gateway as the dialplan's ``socket`` app does, waits (up to 25 s,
+Each simulated call dials the gateway as the dialplan's ``socket`` app does (given a list of
+hosts, the next one when a connect is refused or unreachable: gateway.failover), waits (up to 25 s,
 like FreeSWITCH) for ``connect``, answers with a CHANNEL_DATA reply and then plays
 mod_event_socket: replies to every command with FreeSWITCH's exact texts, queues ``sendmsg``
 applications and runs them in order as the parked channel does, emits the events FreeSWITCH emits
@@ -10,7 +11,7 @@ lingers, sends the disconnect notice and closes. The caller may hang up on its o
 
 * ``completed``: the call was hung up and the connection then closed;
 * ``early_close``: the gateway closed (or sent ``exit``) while the call was still up;
-* ``refused`` / ``reset``: connection refused, or reset at any point;
+* ``refused`` / ``reset``: connection refused (by every host), or reset at any point;
 * ``timeout``: no ``connect`` in time, the call outlived its deadline, or the gateway kept the
   socket open after the disconnect notice;
 * ``protocol_error``: the gateway sent something FreeSWITCH would choke on.
@@ -37,7 +38,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import AsyncResult, Event
 
-from gateway import protocol
+from gateway import failover, protocol
 from gateway.protocol import Command, ProtocolError
 
 OUTCOMES = ("completed", "early_close", "refused", "reset", "timeout", "protocol_error")
@@ -75,6 +76,8 @@ class CallResult:
     hangup_cause: str | None = None      # the cause the channel hung up with, if it did
     transferred_to: str | None = None    # the `transfer` app's argument, if the gateway sent one
     local_address: str = ""              # our end of the connection, "ip:port"
+    host: str = ""                       # the target last dialled (the one that took the call)
+    refused_by: list[str] = field(default_factory=list)   # targets that refused it, in order
 
     @property
     def served_by(self) -> int | None:
@@ -85,6 +88,10 @@ class CallResult:
 
 class _CallEnded(Exception):
     """Internal: the call has its outcome."""
+
+
+class _Redialled(Exception):
+    """Internal: the connect failed over; the call is dialling the next host."""
 
 
 # Commands a single-channel (`async` without `full`) socket does not know.
@@ -134,10 +141,14 @@ class SimulatedCall:
       write error is kept for the listener, which sees the same connection fail (``_as_channel``).
     """
 
-    def __init__(self, address: tuple[str, int], options: CallOptions, rng: random.Random):
-        self.address, self.options, self.rng = address, options, rng
+    def __init__(self, targets, options: CallOptions, rng: random.Random):
+        """``targets``: one (host, port), or a list of them tried in order as the dialplan's
+        ``socket host1:port|host2:port`` does (gateway.failover)."""
+        targets = deque([targets] if isinstance(targets, tuple) else targets)
+        self.address, self.options, self.rng = targets.popleft(), options, rng
+        self.next_targets = targets
         self.uuid = _uuid4()
-        self.result = CallResult(outcome="", uuid=self.uuid)
+        self.result = CallResult(outcome="", uuid=self.uuid, host=failover.describe(self.address))
         self.sock = None
         self.parser: protocol.CommandParser | None = None   # made when a read needs a framer
         self.connected = False            # `connect` received
@@ -194,6 +205,8 @@ class SimulatedCall:
             return
         except _CallEnded:
             pass
+        except _Redialled:
+            return   # the call goes on, with the next host
         except ConnectionResetError as exc:
             self._record("reset", str(exc))
         except BrokenPipeError as exc:
@@ -290,10 +303,24 @@ class SimulatedCall:
 
     def _dial_failed(self, exc: OSError) -> NoReturn:
         if isinstance(exc, socket.timeout):
-            self._end("timeout", f"TCP handshake: {exc}")
+            self._end("timeout", f"TCP handshake with {self.result.host}: {exc}")
         if isinstance(exc, ConnectionResetError):
             self._end("reset", str(exc))
+        if failover.fails_over(exc):
+            self.result.refused_by.append(self.result.host)
+            if self.next_targets:
+                self._redial(self.next_targets.popleft())
         self._end("refused", str(exc))   # refused, or unreachable: the connect fails at once
+
+    def _redial(self, target: tuple[str, int]) -> NoReturn:
+        """FreeSWITCH's next ``|`` host, at once: this one refused (or is unreachable)."""
+        for closing in (self._reader, self.sock):
+            if closing is not None:
+                closing.close()
+        self._reader = self.sock = None
+        self.address, self.result.host = target, failover.describe(target)
+        self._dial()
+        raise _Redialled()
 
     def _handshake_done(self, error: int) -> None:
         if error:
@@ -864,10 +891,11 @@ def _address_family(host: str) -> int | None:
         return None
 
 
-def run_load(address: tuple[str, int], calls: int, rate: float | None = None,
+def run_load(address, calls: int, rate: float | None = None,
              concurrency: int | None = None, options: CallOptions | None = None,
              seed: int | None = None, on_result=None) -> LoadResult:
-    """Offer ``calls`` calls, open loop at ``rate`` calls/s and/or at most ``concurrency`` at once.
+    """Offer ``calls`` calls, open loop at ``rate`` calls/s and/or at most ``concurrency`` at once,
+    to ``address``: one (host, port), or a list of them failed over as the dialplan does.
 
     ``on_result(result)`` is called as each call ends (for live progress), from the event loop:
     it must not block on gevent.

@@ -10,8 +10,6 @@ worker, so they only ever grow.
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import time
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -21,9 +19,6 @@ from gateway import __version__, listeners
 from gateway.ipc import BACKEND_COUNTERS
 from gateway.backoff import per_death
 
-# struct tcp_info: 8 one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked, sacked. On a
-# listening socket unacked is the accept queue's length and sacked its limit.
-TCP_INFO = struct.Struct("8xIIIIII")
 TRACEBACK_LINES = 12
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # (heartbeat counter, metric name, help)
@@ -61,13 +56,6 @@ TOTALS = (("calls_active", GaugeMetricFamily, "calls in progress"),
            "worker exits that were not planned (crashes, the app's own exits, kills, hangs, "
            "boot errors)"),
           ("worker_deaths_per_minute", GaugeMetricFamily, "worker deaths in the last 60 s"))
-
-
-def accept_queue(sock: socket.socket) -> tuple[int, int]:
-    """(connections waiting to be accepted, the queue's limit) for a listening TCP socket."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO.size)
-    _, _, _, _, queued, limit = TCP_INFO.unpack_from(info)
-    return queued, limit
 
 
 def listen_counters() -> dict[str, int]:
@@ -110,9 +98,9 @@ def snapshot(master) -> dict:
     overflows = listen_counters()
     socks = []
     for sock in master.listeners:
-        queued, limit = accept_queue(sock)
+        queued, limit = listeners.accept_queue(sock)
         socks.append({"address": listeners.describe(sock), "queue": queued,
-                      "queue_limit": limit})
+                      "queue_limit": limit, "listening": listeners.is_listening(sock)})
     workers, live = [], {}
     for record in sorted(master.workers.values(), key=lambda w: (w.generation, w.slot)):
         counters = live[record.pid] = record.counters
@@ -147,6 +135,8 @@ def snapshot(master) -> dict:
             "pid": os.getpid(), "version": __version__, "started": master.started_at,
             "uptime_s": round(wall - master.started_at, 3), "generation": master.generation,
             "starting_generation": master.pending.generation if master.pending else None,
+            "drain": None if master.drain is None else {
+                "state": master.drain.state, "since_s": round(now - master.drain.since, 3)},
             "reloads": master.reloads, "reload_failures": master.reload_failures,
             "upgrades": master.upgrades, "upgrade_failures": master.upgrade_failures,
             "last_deploy_error": master.last_deploy_error,
@@ -230,10 +220,20 @@ def slots(master, live: dict, now: float) -> list[dict]:
     return view
 
 
+def ready_workers(view: dict) -> list[dict]:
+    """The serving generation's workers that accept calls."""
+    return [w for w in view["workers"]
+            if w["generation"] == view["master"]["generation"] and w["state"] == "ready"]
+
+
 def health(view: dict, queue_limit: int) -> dict:
-    """Healthy while a serving worker is ready and no accept queue is backing up."""
-    ready = [w for w in view["workers"]
-             if w["generation"] == view["master"]["generation"] and w["state"] == "ready"]
+    """Healthy while a serving worker is ready and no accept queue is backing up, unless the
+    host is drained: a load balancer or a monitor sees the drain from its first moment."""
+    drain = view["master"]["drain"]
+    if drain is not None:
+        return {"ok": False, "reason": f"draining: {drain['state']} "
+                                       f"({drain['since_s']:.0f}s since the drain)"}
+    ready = ready_workers(view)
     backed_up = [s["address"] for s in view["listeners"] if s["queue"] >= queue_limit]
     if not ready:
         return {"ok": False, "reason": "no worker is ready to accept calls"}
@@ -281,6 +281,15 @@ class _SnapshotCollector:
             yield CounterMetricFamily(f"esl_gateway_{key}", what, value=master[key])
         yield GaugeMetricFamily("esl_gateway_healthy", "1 while /healthz answers 200",
                                 value=int(view["health"]["ok"]))
+        yield GaugeMetricFamily("esl_gateway_workers_ready",
+                                "workers of the serving generation ready to accept calls",
+                                value=len(ready_workers(view)))
+        yield GaugeMetricFamily("esl_gateway_draining", "1 from a drain until the undrain "
+                                "(new calls go to the dialplan's next host)",
+                                value=int(master["drain"] is not None))
+        listening = GaugeMetricFamily("esl_gateway_listening", "1 while the socket listens, 0 "
+                                      "once a drain made it refuse connects",
+                                      labels=["listener"])
         queue = GaugeMetricFamily("esl_gateway_listen_queue",
                                   "connections waiting in the accept queue", labels=["listener"])
         limit = GaugeMetricFamily("esl_gateway_listen_queue_limit", "accept queue limit",
@@ -288,8 +297,10 @@ class _SnapshotCollector:
         for sock in view["listeners"]:
             queue.add_metric([sock["address"]], sock["queue"])
             limit.add_metric([sock["address"]], sock["queue_limit"])
+            listening.add_metric([sock["address"]], int(sock["listening"]))
         yield queue
         yield limit
+        yield listening
         yield CounterMetricFamily("esl_gateway_listen_overflows",
                                   "SYNs dropped on a full accept queue since the master started "
                                   "(whole network namespace)", value=view["listen_overflows"])

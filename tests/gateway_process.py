@@ -71,8 +71,8 @@ class GatewayProcess:
                 # Python's own fds are not inheritable; only the dup2 copies below cross exec.
                 close_fds=not self.listen_socks)
         if wait_ready:
-            match = self.wait_for_log(r"Listening at: 127\.0\.0\.1:(\d+)")
-            self.address = ("127.0.0.1", int(match[-1].group(1)))
+            match = self.wait_for_log(r"Listening at: (127\.[\d.]+):(\d+)")
+            self.address = (match[-1].group(1), int(match[-1].group(2)))
             if "none" not in self.args:
                 match = self.wait_for_log(r"Stats at: http://127\.0\.0\.1:(\d+)/")
                 self.stats_address = ("127.0.0.1", int(match[-1].group(1)))

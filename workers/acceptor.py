@@ -5,6 +5,9 @@ call's own greenlet is the first one to run. Accepting is one connection per wak
 while the worker has room: at capacity the watchers stop, so a busy or full worker leaves calls
 in the kernel queue for its siblings instead of hoarding them.
 
+A listener that a drain shut down (gateway.drain) is not an error: accept() says EINVAL, the
+socket stays readable (EPOLLHUP), so its watcher stops until the master says it listens again.
+
 Accepted connections are plain ``_socket.socket`` objects, not gevent's cooperative socket: the
 session makes them non-blocking, reads from a loop callback of its own and writes with ``send()``,
 so the wrapper's two watchers and its Python layer around every send and recv would buy nothing.
@@ -43,6 +46,7 @@ class Acceptor:
         self._backoff_timer = None   # pending while accepting is paused after an error
         self._backoff = BACKOFF_MIN
         self._full = self._closed = self._accepting = False
+        self._not_listening: set[int] = set()   # fds of listeners a drain shut down
         self._errors_logged_at = 0.0
         self._errors_unlogged = 0
         self.errors = 0
@@ -55,6 +59,11 @@ class Acceptor:
         if full != self._full:
             self._full = full
             self._update()
+
+    def listening(self) -> None:
+        """The master listens again (undrain): resume accepting on every listener."""
+        self._not_listening.clear()
+        self._apply()
 
     def close(self) -> None:
         """Stop for good and close our copies of the listening sockets: the master keeps the
@@ -74,8 +83,12 @@ class Acceptor:
         if accepting == self._accepting:
             return
         self._accepting = accepting
+        self._apply()
+
+    def _apply(self) -> None:
+        """Each watcher on or off: on while accepting, unless its listener does not listen."""
         for watcher, sock, kind in self._watchers:
-            if accepting:
+            if self._accepting and sock.fileno() not in self._not_listening:
                 watcher.start(self._accept, sock, kind)
             else:
                 watcher.stop()
@@ -86,6 +99,10 @@ class Acceptor:
         except BlockingIOError:
             return   # a sibling worker won the race for this one
         except OSError as exc:
+            if exc.errno == errno.EINVAL:   # drained: not listening until the master says so
+                self._not_listening.add(sock.fileno())
+                self._apply()
+                return
             self.errors += 1
             if exc.errno not in SKIPPABLE:
                 self._back_off(exc)

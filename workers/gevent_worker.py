@@ -452,6 +452,8 @@ class GeventWorker:
                 kind = message.get("t")
                 if kind == "serve" and self._state == "spare":
                     self._serve(int(message["slot"]))
+                elif kind == "listening":   # undrain: the listeners were shut down
+                    self.acceptor.listening()
                 elif kind == "resume":
                     conn = _socket.socket(fileno=self._master_fds.pop(0))
                     self._add_call(self._resume_call, conn, int(message["id"]),
