@@ -101,6 +101,8 @@ def boot_systemd(tmp_path):
 
     yield boot
     for manager in booted:
+        # Shown only when the test fails: what the service logged, to tell why.
+        print(f"\n--- journal of {SERVICE} ---\n{manager.journal(SERVICE)[-8000:]}")
         manager.close()
 
 
@@ -160,10 +162,39 @@ def kill_master_with_calls_arriving(systemd, master_pid: str) -> dict:
     return result.counts()
 
 
+def refused(address) -> bool:
+    """True once connects are refused (a SYN the drain holds back times out: not yet)."""
+    try:
+        socket.create_connection(address, timeout=0.5).close()
+    except ConnectionRefusedError:
+        return True
+    except TimeoutError:
+        pass
+    return False
+
+
+def drain_for_maintenance(systemd) -> None:
+    """A host taken out of a fleet: drain (connects refused, FreeSWITCH fails over), stop,
+    start. systemd then watches the socket the drain shut down, sees POLLHUP and fails the
+    socket unit; connects stay refused, as a drained host's must. Starting the service starts
+    the socket unit again, listening, and calls complete."""
+    systemd.systemctl("kill", "-s", "SIGRTMIN+1", "--kill-whom=main", SERVICE)
+    wait_until(lambda: refused(systemd.address), 10, "connects refused once drained")
+    systemd.systemctl("stop", SERVICE)
+    wait_until(lambda: systemd.show(SOCKET, "ActiveState")["ActiveState"] == "failed", 10,
+               "the socket unit failed on the shut-down socket")
+    assert refused(systemd.address)
+    systemd.systemctl("start", SERVICE)
+    assert systemd.show(SOCKET, "ActiveState") == {"ActiveState": "active"}
+    result = run_load(systemd.address, RATE, RATE, None, CALL)
+    print(f"\nafter drain, stop and start: {result.counts()}")
+    assert result.counts()["completed"] == RATE, result.counts()
+
+
 def test_shipped_units_under_real_systemd(boot_systemd):
     """Socket activation, reload, in-place upgrade and a SIGKILLed master, each with calls
-    arriving at 50/s, then stop with 20 calls up: no call is refused or times out; activation,
-    reload, upgrade, the killed master and stop cut none."""
+    arriving at 50/s, a drain for maintenance, then stop with 20 calls up: no call is refused
+    or times out; activation, reload, upgrade, the killed master and stop cut none."""
     systemd = boot_systemd(socket_unit=True)
     assert_refused(systemd.address)   # nothing listens before the socket unit starts
     systemd.systemctl("start", SOCKET)
@@ -190,6 +221,7 @@ def test_shipped_units_under_real_systemd(boot_systemd):
     wait_for_journal(systemd, f"master {first['MainPID']} upgraded in place")
 
     kill_master_with_calls_arriving(systemd, first["MainPID"])
+    drain_for_maintenance(systemd)
 
     long_calls = [SimulatedCall(systemd.address, CallOptions(playback_ms=2000), random.Random(i))
                   for i in range(20)]
