@@ -28,9 +28,12 @@ from gevent.event import Event as Flag
 from gevent.lock import Semaphore
 
 from gateway import ipc
+from gateway.allowlist import Allowlist
 from gateway.app import load_app
+from gateway.logsafe import RateLimitedLog, loggable
 from gateway.scoreboard import INDEX
-from gateway.session import Counters, ESLError, SessionClosed, Session, SessionSettings
+from gateway.session import (Counters, ESLError, HandshakeTimeout, SessionClosed, Session,
+                             SessionSettings)
 from workers.acceptor import Acceptor
 from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, exit_status, set_title
 from workers.loop_watchdog import LoopWatchdog
@@ -46,6 +49,7 @@ CALLS, COMPLETED, FAILED, ACTIVE, SERVED, UNPROTECTED = (
     INDEX[name] for name in ("calls", "completed", "failed", "active", "served", "unprotected"))
 RESUMED, RESUMED_FALLBACK, RESUMED_GONE, RESUMED_FAILED = (
     INDEX[name] for name in ("resumed", "resumed_fallback", "resumed_gone", "resumed_failed"))
+HANDSHAKE_LOG_INTERVAL = 10.0   # at most one line per interval about silent peers
 
 
 class GeventWorker:
@@ -61,6 +65,10 @@ class GeventWorker:
         self.started = time.time()
         self.sessions: dict[int, Session] = {}   # by call id
         self.calls: dict[gevent.Greenlet, int] = {}   # one per call, until it ends: its call id
+        # Call ids of connections still waiting for their channel data: they count against
+        # --max-handshakes, not --worker-connections (a silent peer costs memory, not a slot).
+        self._handshaking: set[int] = set()
+        self._log_silent = RateLimitedLog(log, HANDSHAKE_LOG_INTERVAL)
         self.ledger = spec.ledger   # copies of our calls' sockets go to the master (gateway.ipc)
         self.ledger.setblocking(False)   # a full ledger costs a call its survival, not a wait
         self._handed_over: set[int] = set()   # call ids left to the master for another worker
@@ -100,11 +108,16 @@ class GeventWorker:
             command_timeout=self.config.command_timeout, wait_timeout=self.config.wait_timeout,
             linger=self.config.linger,
             max_frame_size=self.config.max_frame_size,
-            max_queued_events=self.config.max_queued_events)
+            max_queued_events=self.config.max_queued_events,
+            handshake_timeout=self.config.handshake_timeout,
+            frame_timeout=self.config.frame_timeout,
+            max_header_block=self.config.max_header_block, max_headers=self.config.max_headers,
+            max_line_length=self.config.max_line_length)
         self.watchdog.start()   # after the app's import, which may legitimately take long
         self.max_calls = (self.config.max_calls + random.randint(0, self.config.max_calls_jitter)
                           if self.config.max_calls else 0)
-        self.acceptor = Acceptor(self.spec.listeners, self._on_connection)
+        self.acceptor = Acceptor(self.spec.listeners, self._on_connection,
+                                 Allowlist(self.config.allow))
         gevent.spawn(self._heartbeat_loop)
         gevent.spawn(self._watch_master)
         if self.spec.slot:
@@ -220,6 +233,8 @@ class GeventWorker:
                 scores[UNPROTECTED] += 1
                 log.warning("call %d cannot be handed to the master (%s): it will not survive "
                             "this worker's death", call_id, exc)
+        if not self.proxy:   # in proxy mode the backend, not this worker, says connect
+            self._handshaking.add(call_id)
         self._add_call(self._proxy_call if self.proxy else self._serve_call, conn, call_id)
         if self.max_calls and self.calls_total >= self.max_calls:
             self.stop("recycled", f"served its {self.max_calls} calls (--max-calls)", True)
@@ -230,9 +245,7 @@ class GeventWorker:
         call = gevent.spawn(serve, conn, call_id, *args)
         call.rawlink(self._call_ended)   # also when killed before it ever ran
         self.calls[call] = call_id
-        self.scores[ACTIVE] = len(self.calls)
-        if len(self.calls) >= self.config.worker_connections:
-            self.acceptor.set_full(True)
+        self._update_room()
 
     def _call_ended(self, call) -> None:
         call_id = self.calls.pop(call)
@@ -243,9 +256,21 @@ class GeventWorker:
                 self.ledger.send(ipc.ledger_record(ipc.CLOSED, call_id))
             except OSError:
                 pass   # the master is gone (or not reading): it learns at our exit
-        self.scores[ACTIVE] = len(self.calls)
-        if len(self.calls) < self.config.worker_connections:
-            self.acceptor.set_full(False)
+        self._handshaking.discard(call_id)   # killed before its handshake ended
+        self._update_room()
+
+    def _update_room(self) -> None:
+        """Accept while there is room both for calls (--worker-connections: those whose channel
+        data arrived) and for handshakes (--max-handshakes)."""
+        handshaking = len(self._handshaking)
+        calls = len(self.calls) - handshaking
+        self.scores[ACTIVE] = calls
+        self.acceptor.set_full(calls >= self.config.worker_connections
+                               or handshaking >= self.config.max_handshakes)
+
+    def _handshake_over(self, call_id: int) -> None:
+        self._handshaking.discard(call_id)
+        self._update_room()
 
     def _serve_call(self, conn, call_id: int) -> None:
         session = Session(conn, self.settings, self.counters)
@@ -253,11 +278,20 @@ class GeventWorker:
         completed = False
         try:
             try:
-                session.start()
+                try:
+                    session.start()
+                finally:
+                    self._handshake_over(call_id)
                 if session.full:
                     session.linger()   # finite: HANGUP_COMPLETE arrives, the call is released
                 else:
                     self._warn_not_full(session)
+            except HandshakeTimeout:
+                self.scores[INDEX["handshake_timeouts"]] += 1
+                self._log_silent(logging.WARNING, "closed a connection that did not answer "
+                                 "connect within %ss (--handshake-timeout)",
+                                 self.settings.handshake_timeout)
+                return
             except SessionClosed as exc:
                 log.info("call ended before its handler started: %s", exc)
                 return
@@ -405,6 +439,7 @@ class GeventWorker:
         scores[INDEX["commands"]] = counters.commands
         scores[INDEX["protocol_errors"]] = counters.protocol_errors
         scores[INDEX["accept_errors"]] = self.acceptor.errors
+        scores[INDEX["peers_refused"]] = self.acceptor.refused
         scores[INDEX["longest_block_ms"]] = int(self.watchdog.longest_block * 1000)
 
     def _warn_not_full(self, session: Session) -> None:
@@ -413,7 +448,7 @@ class GeventWorker:
             log.warning("[%s] the dialplan's socket app lacks `full` (Socket-Mode %s, Control "
                         "%s): linger, api, bgapi and event are refused, so hangup events may be "
                         "lost. Use `socket host:port async full` (logged once per worker).",
-                        session.uuid, session.socket_mode, session.control)
+                        session.uuid, loggable(session.socket_mode), loggable(session.control))
 
     # -- the master -------------------------------------------------------------------------
 
@@ -427,8 +462,9 @@ class GeventWorker:
                 self._send("hb")
             self._update_scores()
             if not self.scores[SERVED]:
-                if self._held.isdisjoint(self.calls):
-                    self._held = set(self.calls)
+                if self._held.isdisjoint(self.calls):   # a silent peer proves nothing
+                    self._held = {call for call, call_id in self.calls.items()
+                                  if call_id not in self._handshaking}
                 else:   # a call up at the last heartbeat still is: its handler runs fine
                     self._served()
             self._title()
