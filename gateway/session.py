@@ -748,16 +748,14 @@ class Session:
         must not hold a call for ever. Each frame has its own, so a stream of frames whose
         every read ends mid-frame is never cut."""
         timer = self._frame_timer
-        if not self._parser.mid_frame:
-            if timer is not None:
-                timer.stop()
-            return
-        if timer is None:
-            timer = self._frame_timer = get_hub().loop.timer(self.settings.frame_timeout)
-        elif completed:
-            timer.stop()   # the frame timed so far is complete: this is a new one
-        if not timer.active:
-            timer.start(self._frame_overdue)
+        if timer is not None and (completed or not self._parser.mid_frame):
+            # The frame timed so far is complete. (A new timer, not a restart: a libev timer
+            # stopped and started again keeps its first deadline.)
+            timer.close()
+            timer = self._frame_timer = None
+        if timer is None and self._parser.mid_frame:
+            self._frame_timer = get_hub().loop.timer(self.settings.frame_timeout)
+            self._frame_timer.start(self._frame_overdue)
 
     def _frame_overdue(self) -> None:
         self._protocol_error(f"a frame was not complete within {self.settings.frame_timeout}s "
