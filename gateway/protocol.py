@@ -292,9 +292,12 @@ class Frame(_LazyHeaders):
                 frame._reply_text = None
             return frame
         frame._reply_text = None
-        # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded.
-        frame._set_headers(None, block, body is None and
-                           _line_start(block, b"Event-Name: ") >= 0)
+        # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded, and
+        # checked now (once per call: events, ~30 per call, are decoded leniently instead).
+        encoded = body is None and _line_start(block, b"Event-Name: ") >= 0
+        if encoded:
+            _check_channel_data(block)
+        frame._set_headers(None, block, encoded)
         frame.content_type = _line_value(block, b"Content-Type: ")
         if frame.content_type is None and b"ontent-" in block:   # another spelling
             frame.content_type = frame.headers.get("Content-Type")
@@ -410,8 +413,7 @@ class _Framer:
                 block = bytes(buf[:start])
                 del buf[:stop]
                 self._scan_from = 0
-                if start > self._check_above:
-                    self.check_block(block)
+                self.check_block(block)
                 common = _COMMON_OUTER.fullmatch(block)
                 if common is None:
                     length = _block_content_length(block, limit)
@@ -434,9 +436,17 @@ class _Framer:
             out.append(self._make(block, body, common))
             self._pending = None
 
-    def check_block(self, block: bytes, what: str = "header block") -> None:
-        """Refuse a header block over the size, line-count or line-length limit."""
+    def check_block(self, block: bytes, what: str = "header block", encoded: bool = False
+                    ) -> None:
+        """Refuse a header block over the size, line-count or line-length limit, or one that
+        FreeSWITCH cannot have written: with a NUL byte (its values are C strings), or, where
+        it url-encodes every value (``encoded``), invalid UTF-8. Cheap for a block within
+        limits: two C scans and a comparison."""
+        if b"\0" in block or (encoded and not block.isascii()):
+            _check_text(block, what)
         size = len(block)
+        if size <= self._check_above:
+            return
         if size > self.max_header_block:
             raise ProtocolError(f"{what} of {size} bytes exceeds the {self.max_header_block}-byte "
                                 "limit")
@@ -450,6 +460,31 @@ class _Framer:
             if longest > self.max_line_length:
                 raise ProtocolError(f"{what} has a line of {longest} bytes, over the "
                                     f"{self.max_line_length}-byte limit (--max-line-length)")
+
+
+def _check_text(block: bytes, what: str) -> None:
+    at = block.find(b"\0")
+    if at >= 0:
+        raise ProtocolError(f"NUL byte in the {what} at offset {at}")
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"invalid UTF-8 in the {what} at offset {exc.start}") from None
+
+
+# A "%" that does not start an escape: FreeSWITCH's encoder never writes one (a literal "%" goes
+# out as %25), so channel data carrying one did not come from FreeSWITCH.
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def _check_channel_data(block: bytes) -> None:
+    """The connect reply's block, url-encoded by FreeSWITCH: plain ASCII with valid escapes."""
+    if not block.isascii():
+        _check_text(block, "channel data")
+    bad = _BAD_ESCAPE.search(block) if b"%" in block else None
+    if bad is not None:
+        raise ProtocolError(f"invalid percent-escape {block[bad.start():bad.start() + 3]!r} in "
+                            f"the channel data at offset {bad.start()}")
 
 
 # The outer blocks of nearly every frame of a call, exactly as mod_event_socket writes them: an
@@ -573,7 +608,7 @@ def parse_plain_event(data: bytes, check_block=None) -> Event:
     end = data.find(b"\n\n")
     block, rest = (data, b"") if end < 0 else (data[:end], data[end + 2:])
     if check_block is not None:
-        check_block(block, "event header block")
+        check_block(block, "event header block", True)
     # Values are url-encoded in plain events, so this text can only be the header itself.
     value = _line_value(block, b"Content-Length: ") if b"Content-Length: " in block else None
     body = b"" if value is None else rest[:_valid_length(value, None, "inner Content-Length")]
