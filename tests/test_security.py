@@ -18,10 +18,7 @@ from gateway.privileges import PrivilegeError, drop
 from gateway.protocol import ProtocolError, SessionParser
 from gateway.session import HandshakeTimeout, Session, SessionClosed, SessionSettings
 from tests.fakefs import Background, FakeFS, socketpair
-
-
-def plain_event(block: bytes) -> bytes:
-    return b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % len(block) + block
+from tests.test_protocol import plain_event_frame as plain_event
 
 
 CHANNEL_DATA = [("Event-Name", "CHANNEL_DATA"), ("Unique-ID", "u")]
