@@ -292,11 +292,11 @@ class Frame(_LazyHeaders):
                 frame._reply_text = None
             return frame
         frame._reply_text = None
-        # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded, and
-        # checked now (once per call: events, ~30 per call, are decoded leniently instead).
+        # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded, so
+        # its bytes are plain ASCII (checked now, once per call).
         encoded = body is None and _line_start(block, b"Event-Name: ") >= 0
-        if encoded:
-            _check_channel_data(block)
+        if encoded and not block.isascii():
+            _check_text(block, "channel data")
         frame._set_headers(None, block, encoded)
         frame.content_type = _line_value(block, b"Content-Type: ")
         if frame.content_type is None and b"ontent-" in block:   # another spelling
@@ -376,8 +376,12 @@ class _Framer:
 
     @property
     def mid_frame(self) -> bool:
-        """True while part of a frame is buffered (EOF now would cut it)."""
-        return bool(self._buf.strip(b"\r\n")) or self._pending is not None
+        """True while part of a frame is buffered (EOF now would cut it). Asked after every
+        read (the frame deadline): a body being buffered, or a block begun (after a feed the
+        buffer never starts with a blank line), is told without copying the buffer."""
+        buf = self._buf
+        return self._pending is not None or (
+            bool(buf) and (buf[0] not in b"\r\n" or bool(buf.strip(b"\r\n"))))
 
     def buffered(self) -> bytes:
         """The bytes fed but not yet returned as frames, for whoever reads the stream on
@@ -470,21 +474,6 @@ def _check_text(block: bytes, what: str) -> None:
         block.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"invalid UTF-8 in the {what} at offset {exc.start}") from None
-
-
-# A "%" that does not start an escape: FreeSWITCH's encoder never writes one (a literal "%" goes
-# out as %25), so channel data carrying one did not come from FreeSWITCH.
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
-
-
-def _check_channel_data(block: bytes) -> None:
-    """The connect reply's block, url-encoded by FreeSWITCH: plain ASCII with valid escapes."""
-    if not block.isascii():
-        _check_text(block, "channel data")
-    bad = _BAD_ESCAPE.search(block) if b"%" in block else None
-    if bad is not None:
-        raise ProtocolError(f"invalid percent-escape {block[bad.start():bad.start() + 3]!r} in "
-                            f"the channel data at offset {bad.start()}")
 
 
 # The outer blocks of nearly every frame of a call, exactly as mod_event_socket writes them: an
