@@ -183,6 +183,26 @@ def test_500_silent_peers_cost_no_call_slot_and_are_closed_at_the_handshake_time
     assert lines == ["0"], lines   # the other 499 fell within the first line's 10 s
 
 
+def test_at_max_handshakes_a_worker_stops_accepting_until_they_time_out(start_gateway):
+    """--max-handshakes 10 and 10 silent connections: the worker stops accepting (logged), so a
+    real call waits in the queue until the silent ones are closed at the 1 s timeout."""
+    gateway = start_gateway(workers=1, args=["--handshake-timeout", "1", "--max-handshakes",
+                                             "10"])
+    silent = [gsocket.create_connection(gateway.address, timeout=5) for _ in range(10)]
+    try:
+        wait_until(lambda: all(sock.recv(64) == b"connect\n\n" for sock in silent),
+                   what="all 10 silent connections accepted")
+        result = run_load(gateway.address, 1, None, None, None, 19)
+        assert_all_completed(result, 1)
+        assert result.results[0].first_byte_ms > 500   # it waited for the silent ones
+    finally:
+        for sock in silent:
+            sock.close()
+    gateway.wait_for_log(r"10 connections wait for their channel data \(--max-handshakes\): not "
+                         r"accepting until some answer or time out \(0 more since the last "
+                         r"report\)")
+
+
 def test_a_peer_outside_allow_gets_no_connect_and_is_closed(start_gateway):
     """From 127.0.0.2 with --allow 127.0.0.1/32: closed before a byte is sent, three times,
     counted three times, logged once; a call from 127.0.0.1 is served as usual."""

@@ -69,6 +69,7 @@ class GeventWorker:
         # --max-handshakes, not --worker-connections (a silent peer costs memory, not a slot).
         self._handshaking: set[int] = set()
         self._log_silent = RateLimitedLog(log, HANDSHAKE_LOG_INTERVAL)
+        self._log_handshakes_full = RateLimitedLog(log, HANDSHAKE_LOG_INTERVAL)
         self.ledger = spec.ledger   # copies of our calls' sockets go to the master (gateway.ipc)
         self.ledger.setblocking(False)   # a full ledger costs a call its survival, not a wait
         self._handed_over: set[int] = set()   # call ids left to the master for another worker
@@ -265,8 +266,12 @@ class GeventWorker:
         handshaking = len(self._handshaking)
         calls = len(self.calls) - handshaking
         self.scores[ACTIVE] = calls
-        self.acceptor.set_full(calls >= self.config.worker_connections
-                               or handshaking >= self.config.max_handshakes)
+        too_many_handshakes = handshaking >= self.config.max_handshakes
+        if too_many_handshakes:
+            self._log_handshakes_full(logging.WARNING, "%d connections wait for their channel data "
+                             "(--max-handshakes): not accepting until some answer or time out",
+                             handshaking)
+        self.acceptor.set_full(calls >= self.config.worker_connections or too_many_handshakes)
 
     def _handshake_over(self, call_id: int) -> None:
         self._handshaking.discard(call_id)
