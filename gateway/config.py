@@ -254,9 +254,9 @@ SETTINGS: tuple[Setting, ...] = (
                  "data; a silent peer (port scanner, health check) is closed after it, counted "
                  "and logged (rate-limited)."),
     Setting("max_handshakes", positive_int, 4096, ("--max-handshakes",), metavar="N",
-            help="Connections per worker that may wait for their channel data at once; they "
-                 "do not count against --worker-connections, which only counts calls whose "
-                 "channel data arrived."),
+            help="Connections per worker that may wait for their channel data at once after "
+                 "their first 0.1 s; until then a connection holds a --worker-connections slot, "
+                 "after it only one of these, so silent peers cost memory, not call slots."),
     Setting("max_frame_size", positive_int, 8 * 1024 * 1024, ("--max-frame-size",),
             metavar="BYTES", help="Largest frame accepted from FreeSWITCH; a larger one closes "
                                   "that call as a protocol error."),

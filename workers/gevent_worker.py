@@ -50,6 +50,11 @@ CALLS, COMPLETED, FAILED, ACTIVE, SERVED, UNPROTECTED = (
 RESUMED, RESUMED_FALLBACK, RESUMED_GONE, RESUMED_FAILED = (
     INDEX[name] for name in ("resumed", "resumed_fallback", "resumed_gone", "resumed_failed"))
 HANDSHAKE_LOG_INTERVAL = 10.0   # at most one line per interval about silent peers
+# FreeSWITCH answers `connect` within milliseconds: a connection holds a call slot
+# (--worker-connections) for this long at most while it waits for its channel data, so a burst
+# of real calls is still spread over the workers (a handshake that took no slot would let one
+# worker take a whole backlog), while a silent peer soon gives its slot back.
+HANDSHAKE_GRACE = 0.1
 
 
 class GeventWorker:
@@ -65,9 +70,11 @@ class GeventWorker:
         self.started = time.time()
         self.sessions: dict[int, Session] = {}   # by call id
         self.calls: dict[gevent.Greenlet, int] = {}   # one per call, until it ends: its call id
-        # Call ids of connections still waiting for their channel data: they count against
-        # --max-handshakes, not --worker-connections (a silent peer costs memory, not a slot).
-        self._handshaking: set[int] = set()
+        # Connections still waiting for their channel data, by call id: for HANDSHAKE_GRACE
+        # they hold a call slot (their timer runs), then they count against --max-handshakes
+        # instead (silent): a silent peer costs memory, not capacity.
+        self._young: dict[int, object] = {}
+        self._silent: set[int] = set()
         self._log_silent = RateLimitedLog(log, HANDSHAKE_LOG_INTERVAL)
         self._log_handshakes_full = RateLimitedLog(log, HANDSHAKE_LOG_INTERVAL)
         self.ledger = spec.ledger   # copies of our calls' sockets go to the master (gateway.ipc)
@@ -235,7 +242,8 @@ class GeventWorker:
                 log.warning("call %d cannot be handed to the master (%s): it will not survive "
                             "this worker's death", call_id, exc)
         if not self.proxy:   # in proxy mode the backend, not this worker, says connect
-            self._handshaking.add(call_id)
+            timer = self._young[call_id] = gevent.get_hub().loop.timer(HANDSHAKE_GRACE)
+            timer.start(self._gone_quiet, call_id)
         self._add_call(self._proxy_call if self.proxy else self._serve_call, conn, call_id)
         if self.max_calls and self.calls_total >= self.max_calls:
             self.stop("recycled", f"served its {self.max_calls} calls (--max-calls)", True)
@@ -257,24 +265,37 @@ class GeventWorker:
                 self.ledger.send(ipc.ledger_record(ipc.CLOSED, call_id))
             except OSError:
                 pass   # the master is gone (or not reading): it learns at our exit
-        self._handshaking.discard(call_id)   # killed before its handshake ended
+        self._forget_handshake(call_id)   # killed before its handshake ended
         self._update_room()
 
     def _update_room(self) -> None:
-        """Accept while there is room both for calls (--worker-connections: those whose channel
-        data arrived) and for handshakes (--max-handshakes)."""
-        handshaking = len(self._handshaking)
-        calls = len(self.calls) - handshaking
-        self.scores[ACTIVE] = calls
-        too_many_handshakes = handshaking >= self.config.max_handshakes
-        if too_many_handshakes:
-            self._log_handshakes_full(logging.WARNING, "%d connections wait for their channel data "
-                             "(--max-handshakes): not accepting until some answer or time out",
-                             handshaking)
-        self.acceptor.set_full(calls >= self.config.worker_connections or too_many_handshakes)
+        """Accept while there is room both for calls (--worker-connections: calls, and
+        connections in their first HANDSHAKE_GRACE) and for silent connections
+        (--max-handshakes)."""
+        silent = len(self._silent)
+        slots_held = len(self.calls) - silent
+        self.scores[ACTIVE] = slots_held - len(self._young)
+        too_many_silent = silent >= self.config.max_handshakes
+        if too_many_silent:
+            self._log_handshakes_full(logging.WARNING, "%d connections wait for their channel "
+                                      "data (--max-handshakes): not accepting until some answer "
+                                      "or time out", silent)
+        self.acceptor.set_full(slots_held >= self.config.worker_connections or too_many_silent)
+
+    def _gone_quiet(self, call_id: int) -> None:
+        """HANDSHAKE_GRACE has passed without channel data: give the call slot back."""
+        self._young.pop(call_id).close()
+        self._silent.add(call_id)
+        self._update_room()
+
+    def _forget_handshake(self, call_id: int) -> None:
+        timer = self._young.pop(call_id, None)
+        if timer is not None:
+            timer.close()
+        self._silent.discard(call_id)
 
     def _handshake_over(self, call_id: int) -> None:
-        self._handshaking.discard(call_id)
+        self._forget_handshake(call_id)
         self._update_room()
 
     def _serve_call(self, conn, call_id: int) -> None:
@@ -469,7 +490,7 @@ class GeventWorker:
             if not self.scores[SERVED]:
                 if self._held.isdisjoint(self.calls):   # a silent peer proves nothing
                     self._held = {call for call, call_id in self.calls.items()
-                                  if call_id not in self._handshaking}
+                                  if call_id not in self._young and call_id not in self._silent}
                 else:   # a call up at the last heartbeat still is: its handler runs fine
                     self._served()
             self._title()
