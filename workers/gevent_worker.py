@@ -274,7 +274,8 @@ class GeventWorker:
         (--max-handshakes)."""
         silent = len(self._silent)
         slots_held = len(self.calls) - silent
-        self.scores[ACTIVE] = slots_held - len(self._young)
+        # Every connection held, handshakes included: one this worker dies with is a lost call.
+        self.scores[ACTIVE] = len(self.calls)
         too_many_silent = silent >= self.config.max_handshakes
         if too_many_silent:
             self._log_handshakes_full(logging.WARNING, "%d connections wait for their channel "
