@@ -16,7 +16,8 @@ from gateway.httpserver import _bearer_matches
 from gateway.logsafe import RateLimitedLog, loggable
 from gateway.privileges import PrivilegeError, drop
 from gateway.protocol import ProtocolError, SessionParser
-from gateway.session import HandshakeTimeout, Session, SessionClosed, SessionSettings
+from gateway.session import (CONNECT_SETTLE_SECONDS, HandshakeTimeout, Session, SessionClosed,
+                             SessionSettings)
 from tests.fakefs import Background, FakeFS, socketpair
 from tests.test_protocol import plain_event_frame as plain_event
 
@@ -154,6 +155,8 @@ def test_an_unusable_unique_id_ends_the_call_as_a_protocol_error(uuid, caplog):
     assert session.counters.protocol_errors == 1
     line, = [r.getMessage() for r in caplog.records]
     assert "\n" not in line and "the connect reply's Unique-ID is unusable" in line
+    # Not closed sooner than a real call could bear (docs/esl-protocol.md §14).
+    assert fs.expect_eof() - fs.sent_connect_reply_at >= CONNECT_SETTLE_SECONDS
     fs.close()
 
 
