@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gateway import protocol
 from gateway.protocol import Command, Event, Frame, ProtocolError
-from gateway.session import Session, SessionClosed, SessionSettings
+from gateway.session import ESLError, Session, SessionClosed, SessionSettings
 from tests.fakefs import FakeFS, socketpair
 
 NAMES = st.sampled_from(["Event-Name", "Content-Type", "Content-Length", "Unique-ID",
@@ -134,10 +134,11 @@ def test_parsers_raise_only_protocol_errors(stream, limits, parser_class):
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(streams(), SESSION_LIMITS)
-def test_a_session_fed_anything_ends_only_in_a_clean_close(stream, limits):
-    """A started session reading fuzzed bytes from its FreeSWITCH: no internal error, ever; a
-    call it closes is closed with its reason, and a handler waiting on it is woken."""
+@given(streams(), SESSION_LIMITS, st.booleans())
+def test_a_session_fed_anything_ends_only_in_a_clean_close(stream, limits, instead_of_reply):
+    """A session reading fuzzed bytes from its FreeSWITCH, in place of the connect reply or
+    after it: no internal error, ever; start() succeeds or raises an ESLError; a call it
+    closes is closed with its reason, and a handler waiting on it is woken."""
     data, cuts = stream
     records = Records()
     ours, theirs = socketpair()
@@ -147,15 +148,21 @@ def test_a_session_fed_anything_ends_only_in_a_clean_close(stream, limits):
     logger.addHandler(records)
     try:
         starter = gevent.spawn(session.start)
-        fs.answer_connect()
-        starter.join(2)
-        assert starter.successful(), starter.exception
+        if instead_of_reply:
+            fs.expect("connect")
+        else:
+            fs.answer_connect()
+            starter.join(2)
+            assert starter.successful(), starter.exception
         waiter = gevent.spawn(session.next_event, 5)
         for chunk in chunks(data, cuts):
             if chunk and not session.closed:
                 fs.send(chunk)
         gevent.sleep(0)
         fs.close()   # EOF: whatever was not closed before closes now
+        starter.join(2)
+        assert starter.ready() and isinstance(starter.exception, (ESLError, type(None))), \
+            starter.exception
         assert session.wait_closed(2)
         waiter.join(2)
         assert waiter.ready()

@@ -3,15 +3,15 @@ percent-decoding once, safe logging, the allowlist, the stats token, privilege-d
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 
 import gevent
 import pytest
 
-from gateway import protocol
+from gateway import config, protocol
 from gateway.allowlist import Allowlist
-from gateway.config import DEFAULT_ALLOW
 from gateway.httpserver import _bearer_matches
 from gateway.logsafe import RateLimitedLog, loggable
 from gateway.privileges import PrivilegeError, drop
@@ -192,7 +192,7 @@ def test_rate_limited_log_says_how_many_it_left_out(caplog):
     ("/run/esl.sock", True),
 ])
 def test_default_allowlist_is_loopback_and_private_ranges(peer, allowed):
-    assert Allowlist(list(DEFAULT_ALLOW)).allows(peer) is allowed
+    assert Allowlist(list(config.DEFAULT_ALLOW)).allows(peer) is allowed
 
 
 def test_a_listed_public_address_is_allowed_and_verdicts_are_remembered():
@@ -218,3 +218,14 @@ def test_bearer_token_comparison(header, ok):
 def test_privilege_drop_refuses_what_it_cannot_do(user, group, message):
     with pytest.raises(PrivilegeError, match=message):
         drop(user, group, [])
+
+
+def test_allow_is_validated_when_the_config_is_read():
+    """A typo in --allow stops the start with the setting's name, not the first call."""
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    with pytest.raises(config.ConfigError, match="allow from command line: '10.0.0.300/8'"):
+        config.resolve(vars(parser.parse_args(["x:y", "--allow", "10.0.0.300/8"])), {})
+    resolved = config.resolve(vars(parser.parse_args(["x:y"])),
+                              {"ESL_GATEWAY_ALLOW": "203.0.113.7, 10.0.0.0/8"})
+    assert resolved.allow == ["203.0.113.7", "10.0.0.0/8"]
