@@ -77,6 +77,7 @@ class GeventWorker:
         self._silent: set[int] = set()
         self._log_silent = RateLimitedLog(log, HANDSHAKE_LOG_INTERVAL)
         self._log_handshakes_full = RateLimitedLog(log, HANDSHAKE_LOG_INTERVAL)
+        self._too_many_silent = False   # at --max-handshakes now
         self.ledger = spec.ledger   # copies of our calls' sockets go to the master (gateway.ipc)
         self.ledger.setblocking(False)   # a full ledger costs a call its survival, not a wait
         self._handed_over: set[int] = set()   # call ids left to the master for another worker
@@ -277,10 +278,11 @@ class GeventWorker:
         # Every connection held, handshakes included: one this worker dies with is a lost call.
         self.scores[ACTIVE] = len(self.calls)
         too_many_silent = silent >= self.config.max_handshakes
-        if too_many_silent:
+        if too_many_silent and not self._too_many_silent:   # logged as it starts
             self._log_handshakes_full(logging.WARNING, "%d connections wait for their channel "
                                       "data (--max-handshakes): not accepting until some answer "
                                       "or time out", silent)
+        self._too_many_silent = too_many_silent
         self.acceptor.set_full(slots_held >= self.config.worker_connections or too_many_silent)
 
     def _gone_quiet(self, call_id: int) -> None:
