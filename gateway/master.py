@@ -16,6 +16,7 @@ with the new code.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import itertools
 import json
 import logging
@@ -280,8 +281,13 @@ class Master:
             return
         routes = {"/stats": self._serve_stats, "/metrics": self._serve_metrics,
                   "/healthz": self._serve_health}
-        self.stats_server = HTTPServer(sock, self.selector, routes, stats_token(self.config))
+        token = stats_token(self.config)
+        self.stats_server = HTTPServer(sock, self.selector, routes, token)
         log.info("Stats at: http://%s/stats (also /metrics, /healthz)", listeners.describe(sock))
+        if token is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+            log.warning("the stats endpoint listens beyond loopback without a token: whoever "
+                        "reaches %s reads the gateway's state (set --stats-token-file)",
+                        listeners.describe(sock))
 
     def _serve_stats(self) -> tuple[int, str, bytes]:
         return 200, "application/json", json.dumps(stats.snapshot(self), indent=1).encode()

@@ -258,6 +258,12 @@ def test_stats_endpoint_with_a_token_file(start_gateway, tmp_path):
     assert [get(b"first-secret"), get(b"second-secret")] == [401, 200]
 
 
+def test_a_stats_endpoint_beyond_loopback_without_a_token_is_warned_about(start_gateway):
+    gateway = start_gateway(workers=1, args=["--stats", "0.0.0.0:0"], wait_ready=False)
+    gateway.wait_for_log(r"the stats endpoint listens beyond loopback without a token: whoever "
+                         r"reaches 0\.0\.0\.0:\d+ reads the gateway's state")
+
+
 # -- the privilege drop ------------------------------------------------------------------------
 
 def _as_user_can_run(python: str, user: str, env: dict) -> bool:
