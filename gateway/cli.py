@@ -71,7 +71,8 @@ def setup_logging(level: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
-    from gateway.master import Master
+    from gateway.master import Master, stats_token
+    from gateway.privileges import PrivilegeError
     state, check_only = upgrade.inherited_state()
     cli_values = vars(args)
     try:
@@ -91,9 +92,17 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
             log.info("upgrade check passed: the new image starts and loads %s",
                      cfg.app or "the proxy")
             return 0
+    try:
+        stats_token(cfg)   # read now, so an unreadable token file stops us before binding
+    except (OSError, ValueError) as exc:
+        log.error("cannot read the stats token: %s; not starting", exc)
+        return 2
     master = Master(cfg, DEFAULT_WORKER, argv, lambda: config.resolve(cli_values))
     try:
         return master.run(state)
+    except PrivilegeError as exc:
+        log.error("cannot drop privileges: %s; not starting", exc)
+        return 1
     except OSError as exc:
         log.error("cannot listen on %s: %s", ", ".join(cfg.bind), exc)
         return 1

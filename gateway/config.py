@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 ENV_PREFIX = "ESL_GATEWAY_"
+# Who may connect by default: loopback and the private ranges, where FreeSWITCH usually is.
+DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                 "fc00::/7")
 FILE_SECTION = "esl-gateway"
 
 
@@ -90,7 +94,16 @@ def call_action(text: str) -> CallAction:
                      f"not {text!r}")
 
 
-def optional_app(text: str) -> str | None:
+def network_list(text: str) -> list[str]:
+    """Comma- or space-separated CIDR networks (``10.0.0.0/8``, ``::1/128``; a bare address is
+    one host), validated now and kept as text so the config stays printable."""
+    networks = address_list(text)
+    for network in networks:
+        ipaddress.ip_network(network, strict=False)   # ValueError names the bad one
+    return networks
+
+
+def optional_text(text: str) -> str | None:
     return text.strip() or None
 
 
@@ -197,7 +210,7 @@ SETTINGS: tuple[Setting, ...] = (
             help="Each worker passes the master a copy of every call's socket, so a call "
                  "survives its worker's death: a live worker takes it over (see --resume, "
                  "--orphan-action). Off: a worker's death ends its calls."),
-    Setting("resume", optional_app, None, ("--resume",), metavar="MODULE:CALLABLE",
+    Setting("resume", optional_text, None, ("--resume",), metavar="MODULE:CALLABLE",
             help="Called as resume(session) for a call whose worker died (or whose generation "
                  "had to close) once a live worker has taken it over: session.resumed is True, "
                  "session.channel is FreeSWITCH's fresh CHANNEL_DATA. Without it, such a call "
@@ -216,17 +229,58 @@ SETTINGS: tuple[Setting, ...] = (
                  "draining after reloads); beyond it the oldest is closed, its calls cut."),
     Setting("stats", str, "127.0.0.1:9091", ("--stats",), metavar="HOST:PORT",
             help="Where the master serves /stats (JSON), /metrics (Prometheus) and /healthz; "
-                 "`none` disables it."),
+                 "`none` disables it. Keep it on loopback, or set a token."),
+    Setting("stats_token", optional_text, None, ("--stats-token",), metavar="TOKEN",
+            help="Bearer token the stats endpoint requires (`Authorization: Bearer TOKEN`, 401 "
+                 "without it); a command line is visible to every local user, so prefer "
+                 "--stats-token-file."),
+    Setting("stats_token_file", optional_text, None, ("--stats-token-file",), metavar="FILE",
+            help="File holding the stats bearer token (read at start and on reload, "
+                 "surrounding whitespace ignored); wins over --stats-token."),
     Setting("health_queue_limit", positive_int, 100, ("--health-queue-limit",), metavar="N",
             help="/healthz answers 503 when an accept queue holds this many calls (or no "
                  "worker is ready)."),
     Setting("pidfile", str, None, ("-p", "--pidfile"), metavar="FILE",
             help="Write the master's PID here (for `esl-gateway reload|upgrade -p FILE`)."),
+    Setting("allow", network_list, lambda: list(DEFAULT_ALLOW), ("--allow",),
+            metavar="CIDR[,CIDR...]",
+            help="Peers that may connect (FreeSWITCH's addresses): any other is closed before "
+                 "a byte is sent, counted and logged (rate-limited). Default: loopback and the "
+                 "private ranges; a public address must be listed. IPv4-mapped IPv6 peers are "
+                 "matched as IPv4."),
+    Setting("handshake_timeout", non_negative_float, 10.0, ("--handshake-timeout",),
+            metavar="SECONDS",
+            help="How long a new connection may take to answer `connect` with its channel "
+                 "data; a silent peer (port scanner, health check) is closed after it, counted "
+                 "and logged (rate-limited)."),
+    Setting("max_handshakes", positive_int, 4096, ("--max-handshakes",), metavar="N",
+            help="Connections per worker that may wait for their channel data at once after "
+                 "their first 0.1 s; until then a connection holds a --worker-connections slot, "
+                 "after it only one of these, so silent peers cost memory, not call slots."),
     Setting("max_frame_size", positive_int, 8 * 1024 * 1024, ("--max-frame-size",),
             metavar="BYTES", help="Largest frame accepted from FreeSWITCH; a larger one closes "
                                   "that call as a protocol error."),
+    Setting("max_header_block", positive_int, 1024 * 1024, ("--max-header-block",),
+            metavar="BYTES",
+            help="Largest header block (a frame's, or a plain event's own) accepted from "
+                 "FreeSWITCH; a larger one closes that call as a protocol error."),
+    Setting("max_headers", positive_int, 10000, ("--max-headers",), metavar="N",
+            help="Most header lines in one header block from FreeSWITCH (a call's channel "
+                 "data has a few hundred); more closes that call as a protocol error."),
+    Setting("max_line_length", positive_int, 256 * 1024, ("--max-line-length",),
+            metavar="BYTES",
+            help="Longest header line accepted from FreeSWITCH; a longer one closes that call "
+                 "as a protocol error."),
+    Setting("frame_timeout", non_negative_float, 10.0, ("--frame-timeout",), metavar="SECONDS",
+            help="A frame FreeSWITCH has begun must be complete within this time: a peer "
+                 "trickling bytes is closed as a protocol error (0: no deadline)."),
     Setting("max_queued_events", positive_int, 5000, ("--max-queued-events",), metavar="N",
             help="Events a call may hold unread by its handler; overflow ends that call, logged."),
+    Setting("user", optional_text, None, ("--user",), metavar="USER",
+            help="Started as root: once the sockets are bound and the pidfile written, the "
+                 "master switches to this user (name or uid) before it forks any worker."),
+    Setting("group", optional_text, None, ("--group",), metavar="GROUP",
+            help="The group to switch to with --user (default: the user's own group)."),
     Setting("log_level", log_level, "INFO", ("--log-level",), metavar="LEVEL",
             help="debug, info, warning, error or critical. Logs always go to stderr."),
 )

@@ -17,6 +17,7 @@ call is accepted, so FreeSWITCH fails over to the next host; an undrain listens 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import itertools
 import json
 import logging
@@ -30,7 +31,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from gateway import __version__, drain, ipc, listeners, stats, systemd, upgrade
+from gateway import __version__, drain, ipc, listeners, privileges, stats, systemd, upgrade
 from gateway.backoff import RespawnBackoff
 from gateway.httpserver import HTTPServer
 from gateway.scoreboard import FIELDS, INDEX, CounterBlock
@@ -202,6 +203,10 @@ class Master:
         self._open_stats(state)
         self._init_signals()
         self._write_pidfile()
+        # Everything that needs root is done (sockets bound, pidfile written): drop it before
+        # any worker exists (gateway.privileges says what the master keeps).
+        privileges.drop(self.config.user, self.config.group,
+                        [self.config.pidfile] if self.config.pidfile else [])
         if state is None:
             log.info("master %d (esl-gateway %s) starting %d worker(s) for %s", os.getpid(),
                      __version__, self.config.workers, self.config.app)
@@ -284,8 +289,13 @@ class Master:
             return
         routes = {"/stats": self._serve_stats, "/metrics": self._serve_metrics,
                   "/healthz": self._serve_health}
-        self.stats_server = HTTPServer(sock, self.selector, routes)
+        token = stats_token(self.config)
+        self.stats_server = HTTPServer(sock, self.selector, routes, token)
         log.info("Stats at: http://%s/stats (also /metrics, /healthz)", listeners.describe(sock))
+        if token is None and not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+            log.warning("the stats endpoint listens beyond loopback without a token: whoever "
+                        "reaches %s reads the gateway's state (set --stats-token-file)",
+                        listeners.describe(sock))
 
     def _serve_stats(self) -> tuple[int, str, bytes]:
         return 200, "application/json", json.dumps(stats.snapshot(self), indent=1).encode()
@@ -419,13 +429,19 @@ class Master:
         systemd.notify("RELOADING=1", systemd.monotonic_usec())
         try:
             config = self.load_config()
+            token = stats_token(config)
         except Exception as exc:   # a bad config file must not take the master down
             self._deploy_failed("reload", f"the config cannot be used: {exc}")
             return
-        if config.bind != self.config.bind:
-            log.warning("reload: bind changed (%s); listening sockets are kept as they are, "
-                        "a restart rebinds", ", ".join(config.bind))
-            config.bind = self.config.bind
+        for name, what in (("bind", "listening sockets are kept as they are"),
+                           ("user", "the master dropped root and cannot switch again"),
+                           ("group", "the master dropped root and cannot switch again")):
+            if getattr(config, name) != getattr(self.config, name):
+                log.warning("reload: %s changed (%s); %s, a restart applies it", name,
+                            getattr(config, name), what)
+                setattr(config, name, getattr(self.config, name))
+        if self.stats_server is not None:
+            self.stats_server.token = token
         self.start_generation("reload", config, signalled_at)
 
     def start_generation(self, reason: str, config, signalled_at: float) -> None:
@@ -1201,7 +1217,7 @@ class Master:
 
     def _write_pidfile(self) -> None:
         path = self.config.pidfile
-        if path:
+        if path and _read_pid(path) != os.getpid():   # an upgraded master's is still right
             temporary = f"{path}.{os.getpid()}.tmp"
             with open(temporary, "w") as handle:
                 handle.write(f"{os.getpid()}\n")
@@ -1209,13 +1225,11 @@ class Master:
 
     def _remove_pidfile(self) -> None:
         path = self.config.pidfile
-        try:
-            with open(path or "") as handle:
-                mine = handle.read().strip() == str(os.getpid())
-        except OSError:
-            return   # none, or not readable: nothing of ours to remove
-        if mine:
-            os.unlink(path)
+        if path and _read_pid(path) == os.getpid():
+            try:
+                os.unlink(path)
+            except OSError as exc:   # e.g. its directory is not the --user's to write
+                log.warning("cannot remove the pidfile %s: %s", path, exc)
 
 
 # Exit reasons a worker announces before leaving on purpose (its "bye" message).
@@ -1224,6 +1238,27 @@ CLEAN_EXITS = ("clean", "recycled", "drained", "stopped", "orphaned")
 APP_FAULTS = ("crashed", "app_exit", "boot_error", "oom_killed", "killed_as_hung")
 # Signals that come from outside (an operator, the OOM killer, us), not from a bug in the worker.
 EXTERNAL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def _read_pid(path: str) -> int | None:
+    """The PID in a pidfile, or None (none, unreadable, not a PID)."""
+    try:
+        with open(path) as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def stats_token(config) -> str | None:
+    """The stats endpoint's bearer token: the token file's content if one is set (a file keeps
+    the secret out of the process list), else --stats-token."""
+    if config.stats_token_file:
+        with open(config.stats_token_file, encoding="utf-8") as handle:
+            token = handle.read().strip()
+        if not token:
+            raise ValueError(f"the stats token file {config.stats_token_file} is empty")
+        return token
+    return config.stats_token
 
 
 def _inherited_socket(fd: int) -> socket.socket:

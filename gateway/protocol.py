@@ -12,7 +12,9 @@ this module exists to get right (see docs/esl-protocol.md §3, §4, §9 and §13
 * header blocks are split into lines first, then each line on its first ``": "``, and only then is
   each value url-decoded, so an encoded ``%0A`` in a caller-controlled value can never forge a header;
 * bodies stay bytes and are cut by Content-Length before any decoding; text decoding never raises;
-* a frame larger than the configured limit is a ``ProtocolError`` for that connection only.
+* a frame larger than the configured limit is a ``ProtocolError`` for that connection only, and so
+  is a header block that is too large, has too many lines or too long a line: whatever a peer sends,
+  the only exception that leaves this module is ``ProtocolError`` (tests/test_fuzz.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from xml.etree import ElementTree
 from xml.sax.saxutils import escape as xml_escape
 
 DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
+DEFAULT_MAX_HEADER_BLOCK = 1024 * 1024
+DEFAULT_MAX_HEADERS = 10000
+DEFAULT_MAX_LINE_LENGTH = 256 * 1024
 ARRAY_PREFIX = "ARRAY::"
 
 CONTENT_COMMAND_REPLY = "command/reply"
@@ -287,9 +292,12 @@ class Frame(_LazyHeaders):
                 frame._reply_text = None
             return frame
         frame._reply_text = None
-        # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded.
-        frame._set_headers(None, block, body is None and
-                           _line_start(block, b"Event-Name: ") >= 0)
+        # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded, so
+        # its bytes are plain ASCII (checked now, once per call).
+        encoded = body is None and _line_start(block, b"Event-Name: ") >= 0
+        if encoded and not block.isascii():
+            _check_text(block, "channel data")
+        frame._set_headers(None, block, encoded)
         frame.content_type = _line_value(block, b"Content-Type: ")
         if frame.content_type is None and b"ontent-" in block:   # another spelling
             frame.content_type = frame.headers.get("Content-Type")
@@ -342,12 +350,24 @@ class _Framer:
     ends at two newlines in a row, ignoring any ``\r`` between them (FreeSWITCH's own rule).
     Only the Content-Length is read here; the header lines are split by whoever needs them.
     ``common`` is the block's _COMMON_OUTER match (or None), matched once for both uses.
+
+    What a peer can make us hold is bounded: the frame (``max_frame_size``), a header block
+    (``max_header_block`` bytes, ``max_headers`` lines, ``max_line_length`` per line), before
+    any of it is split or decoded.
     """
 
-    __slots__ = ("max_frame_size", "_make", "_buf", "_scan_from", "_pending", "_body_len")
+    __slots__ = ("max_frame_size", "max_header_block", "max_headers", "max_line_length",
+                 "_check_above", "_make", "_buf", "_scan_from", "_pending", "_body_len")
 
-    def __init__(self, max_frame_size: int, make):
+    def __init__(self, max_frame_size: int, make, max_header_block: int = DEFAULT_MAX_HEADER_BLOCK,
+                 max_headers: int = DEFAULT_MAX_HEADERS,
+                 max_line_length: int = DEFAULT_MAX_LINE_LENGTH):
         self.max_frame_size = max_frame_size
+        self.max_header_block = min(max_header_block, max_frame_size)   # part of a frame
+        self.max_headers = max_headers
+        self.max_line_length = max_line_length
+        # A block of n bytes has at most n lines, none longer than n: smaller ones need no count.
+        self._check_above = min(self.max_header_block, max_headers, max_line_length)
         self._make = make
         self._buf = bytearray()
         self._scan_from = 0          # the block end cannot start before this offset
@@ -356,8 +376,12 @@ class _Framer:
 
     @property
     def mid_frame(self) -> bool:
-        """True while part of a frame is buffered (EOF now would cut it)."""
-        return bool(self._buf.strip(b"\r\n")) or self._pending is not None
+        """True while part of a frame is buffered (EOF now would cut it). Asked after every
+        read (the frame deadline): a body being buffered, or a block begun (after a feed the
+        buffer never starts with a blank line), is told without copying the buffer."""
+        buf = self._buf
+        return self._pending is not None or (
+            bool(buf) and (buf[0] not in b"\r\n" or bool(buf.strip(b"\r\n"))))
 
     def buffered(self) -> bytes:
         """The bytes fed but not yet returned as frames, for whoever reads the stream on
@@ -385,16 +409,15 @@ class _Framer:
                     match = _BLOCK_END_CR.search(buf, self._scan_from)
                     start, stop = (match.start(), match.end()) if match else (-1, -1)
                 if start < 0:
-                    if len(buf) > limit:
-                        raise ProtocolError(f"header block exceeds {limit} bytes without ending")
+                    if len(buf) > self.max_header_block:
+                        raise ProtocolError(f"header block exceeds {self.max_header_block} "
+                                            "bytes without ending")
                     self._scan_from = max(buf.rfind(b"\n"), 0)
                     return out
-                if start > limit:
-                    raise ProtocolError(f"header block of {start} bytes exceeds the "
-                                        f"{limit}-byte limit")
                 block = bytes(buf[:start])
                 del buf[:stop]
                 self._scan_from = 0
+                self.check_block(block)
                 common = _COMMON_OUTER.fullmatch(block)
                 if common is None:
                     length = _block_content_length(block, limit)
@@ -416,6 +439,41 @@ class _Framer:
             block, common = self._pending
             out.append(self._make(block, body, common))
             self._pending = None
+
+    def check_block(self, block: bytes, what: str = "header block", encoded: bool = False
+                    ) -> None:
+        """Refuse a header block over the size, line-count or line-length limit, or one that
+        FreeSWITCH cannot have written: with a NUL byte (its values are C strings), or, where
+        it url-encodes every value (``encoded``), invalid UTF-8. Cheap for a block within
+        limits: two C scans and a comparison."""
+        if b"\0" in block or (encoded and not block.isascii()):
+            _check_text(block, what)
+        size = len(block)
+        if size <= self._check_above:
+            return
+        if size > self.max_header_block:
+            raise ProtocolError(f"{what} of {size} bytes exceeds the {self.max_header_block}-byte "
+                                "limit")
+        if size > self.max_headers:
+            lines = block.count(b"\n") + 1
+            if lines > self.max_headers:
+                raise ProtocolError(f"{what} of {lines} lines exceeds the {self.max_headers}-line "
+                                    "limit (--max-headers)")
+        if size > self.max_line_length:
+            longest = max(map(len, block.split(b"\n")))
+            if longest > self.max_line_length:
+                raise ProtocolError(f"{what} has a line of {longest} bytes, over the "
+                                    f"{self.max_line_length}-byte limit (--max-line-length)")
+
+
+def _check_text(block: bytes, what: str) -> None:
+    at = block.find(b"\0")
+    if at >= 0:
+        raise ProtocolError(f"NUL byte in the {what} at offset {at}")
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"invalid UTF-8 in the {what} at offset {exc.start}") from None
 
 
 # The outer blocks of nearly every frame of a call, exactly as mod_event_socket writes them: an
@@ -455,8 +513,8 @@ class Parser(_Framer):
 
     __slots__ = ()
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
-        super().__init__(max_frame_size, Frame.from_block)
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, **limits):
+        super().__init__(max_frame_size, Frame.from_block, **limits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,12 +575,13 @@ class Event(_LazyHeaders):
         return f"<Event {self.name} {self.unique_id}>"
 
 
-def parse_event(frame: Frame) -> Event:
-    """Turn a text/event-plain|json|xml frame (or the connect reply) into an ``Event``."""
+def parse_event(frame: Frame, check_block=None) -> Event:
+    """Turn a text/event-plain|json|xml frame (or the connect reply) into an ``Event``;
+    ``check_block``: a framer's check_block, for a plain event's own header block."""
     content_type = frame.content_type
     body = frame.body or b""
     if content_type == "text/event-plain":
-        return parse_plain_event(body)
+        return parse_plain_event(body, check_block)
     if content_type == "text/event-json":
         return _parse_json_event(body)
     if content_type == "text/event-xml":
@@ -532,10 +591,13 @@ def parse_event(frame: Frame) -> Event:
     raise ProtocolError(f"frame of type {content_type!r} is not an event")
 
 
-def parse_plain_event(data: bytes) -> Event:
-    """Cut the event's own body by its inner Content-Length (validated now), headers later."""
+def parse_plain_event(data: bytes, check_block=None) -> Event:
+    """Cut the event's own body by its inner Content-Length (validated now), headers later;
+    ``check_block`` (a framer's) bounds the event's header block."""
     end = data.find(b"\n\n")
     block, rest = (data, b"") if end < 0 else (data[:end], data[end + 2:])
+    if check_block is not None:
+        check_block(block, "event header block", True)
     # Values are url-encoded in plain events, so this text can only be the header itself.
     value = _line_value(block, b"Content-Length: ") if b"Content-Length: " in block else None
     body = b"" if value is None else rest[:_valid_length(value, None, "inner Content-Length")]
@@ -749,18 +811,19 @@ class SessionParser(_Framer):
     ``Event`` (what the session wants of it), and every other frame as a ``Frame``.
 
     Most frames of a call are plain events: this skips a Frame per event and its dispatch.
+    A plain event's own header block is held to the same limits as the frame's.
     """
 
     __slots__ = ()
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
-        super().__init__(max_frame_size, _event_or_frame)
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, **limits):
+        super().__init__(max_frame_size, self._event_or_frame, **limits)
 
-
-def _event_or_frame(block: bytes, body: bytes | None, common: re.Match | None) -> Event | Frame:
-    if common is not None and common[2] == b"text/event-plain":   # body: set, by its length
-        return parse_plain_event(body)
-    return Frame.from_block(block, body, common)
+    def _event_or_frame(self, block: bytes, body: bytes | None, common: re.Match | None
+                        ) -> Event | Frame:
+        if common is not None and common[2] == b"text/event-plain":   # body: set, by its length
+            return parse_plain_event(body, self.check_block)
+        return Frame.from_block(block, body, common)
 
 
 class CommandParser(_Framer):
@@ -771,8 +834,8 @@ class CommandParser(_Framer):
 
     __slots__ = ()
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
-        super().__init__(max_frame_size, _command_from_block)
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, **limits):
+        super().__init__(max_frame_size, _command_from_block, **limits)
 
 
 def _command_from_block(block: bytes, body: bytes | None, _common) -> Command:

@@ -32,7 +32,9 @@ FIELDS = ("calls",              # calls accepted
           "unprotected",        # calls whose socket could not be passed to the master
           # Calls taken over from a worker that died (or a generation that had to close): the
           # resume hook ran; --orphan-action ran; the call had ended meanwhile; it failed.
-          "resumed", "resumed_fallback", "resumed_gone", "resumed_failed")
+          "resumed", "resumed_fallback", "resumed_gone", "resumed_failed",
+          "peers_refused",      # connections from outside --allow, closed unanswered
+          "handshake_timeouts")  # connections closed for not answering connect in time
 INDEX = {name: index for index, name in enumerate(FIELDS)}
 SIZE = mmap.PAGESIZE
 assert len(FIELDS) * 8 <= SIZE

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import socket
 import time
 from collections import deque
@@ -33,9 +34,14 @@ from gevent.lock import Semaphore
 from gevent.socket import wait_write
 
 from gateway import protocol
+from gateway.logsafe import loggable
 from gateway.protocol import Event, Frame, ProtocolError
 
 log = logging.getLogger("esl_gateway.session")
+
+# What a Unique-ID may look like (FreeSWITCH's are UUIDs): it goes into every log line of the
+# call and into commands, so one with a control character or a space is a protocol error.
+_USABLE_UUID = re.compile(r"[!-~]{1,256}")
 
 # Closing the socket within ~1 ms of the connect reply leaves the call parked for ever inside
 # FreeSWITCH (docs/esl-protocol.md §14; eslgo waits 25 ms for the same reason). A call that is
@@ -100,6 +106,11 @@ class CommandTimeout(ESLError):
     """No reply came in time; the call was closed so no later command can read a stale reply."""
 
 
+class HandshakeTimeout(CommandTimeout):
+    """The peer never answered ``connect`` (a port scanner, a health check, an inbound-ESL
+    client): closed, and not logged here; the worker counts and logs these at a limited rate."""
+
+
 class NotFullControl(CommandError):
     """The command needs a ``full`` socket; FreeSWITCH would only answer -ERR command not found."""
 
@@ -121,16 +132,25 @@ class SessionSettings:
     """The per-call knobs, taken from the gateway config once per worker."""
 
     __slots__ = ("command_timeout", "wait_timeout", "linger", "max_frame_size",
-                 "max_queued_events")
+                 "max_queued_events", "handshake_timeout", "frame_timeout", "limits")
 
     def __init__(self, command_timeout: float = 30.0, wait_timeout: float = 3600.0,
                  linger: int = 10, max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
-                 max_queued_events: int = 5000):
+                 max_queued_events: int = 5000, handshake_timeout: float = 10.0,
+                 frame_timeout: float = 10.0,
+                 max_header_block: int = protocol.DEFAULT_MAX_HEADER_BLOCK,
+                 max_headers: int = protocol.DEFAULT_MAX_HEADERS,
+                 max_line_length: int = protocol.DEFAULT_MAX_LINE_LENGTH):
         self.command_timeout = command_timeout
         self.wait_timeout = wait_timeout
         self.linger = linger
         self.max_frame_size = max_frame_size
         self.max_queued_events = max_queued_events
+        self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout   # 0: no deadline for a frame begun
+        # The header-block bounds, as the parser takes them.
+        self.limits = {"max_header_block": max_header_block, "max_headers": max_headers,
+                       "max_line_length": max_line_length}
 
 
 class Counters:
@@ -209,7 +229,7 @@ class Session:
                  "hangup_cause", "close_reason", "_sock", "_parser", "_write_lock", "_pending",
                  "_executes", "_jobs", "_events", "_event_ready", "_closed", "_connected_at",
                  "_event_format", "_background_jobs_subscribed", "_watcher", "_drain_timer",
-                 "_hangup_flag", "resumed", "_resync", "__weakref__")
+                 "_hangup_flag", "resumed", "_resync", "_frame_timer", "__weakref__")
 
     def __init__(self, sock, settings: SessionSettings | None = None,
                  counters: Counters | None = None):
@@ -223,7 +243,8 @@ class Session:
         self.hangup_cause: str | None = None
         self.close_reason: str | None = None
         self._sock = sock
-        self._parser = protocol.SessionParser(self.settings.max_frame_size)
+        self._parser = protocol.SessionParser(self.settings.max_frame_size,
+                                              **self.settings.limits)
         self._write_lock = Semaphore()
         self._pending: deque[tuple[_Reply, str]] = deque()
         self._executes: dict[str, tuple[_Reply, str]] = {}
@@ -240,13 +261,17 @@ class Session:
         self._hangup_flag = None   # made by the first wait_hungup(): most calls never need one
         self.resumed = False       # True for a call taken over from a worker that died
         self._resync = None        # while reattaching: (marker, bytes read so far, waiter)
+        self._frame_timer = None   # runs while a frame is begun but not complete
 
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Send ``connect`` (FreeSWITCH says nothing until we do) and decode CHANNEL_DATA."""
+        """Send ``connect`` (FreeSWITCH says nothing until we do) and decode CHANNEL_DATA.
+
+        A peer that does not answer within the handshake timeout raises HandshakeTimeout.
+        """
         self._start_reading()
-        self._connect()
+        self._connect(self.settings.handshake_timeout, HandshakeTimeout)
 
     def reattach(self, timeout: float | None = None) -> None:
         """Take over a call that another worker was serving when it died, mid-conversation.
@@ -330,14 +355,20 @@ class Session:
                 raise
             self._event_format = "plain"
 
-    def _connect(self) -> None:
-        reply = self._command(protocol.connect(), "connect")
+    def _connect(self, timeout: float | None = None, timeout_error: type = CommandTimeout
+                 ) -> None:
+        reply = self._command(protocol.connect(), "connect", timeout, timeout_error)
         if not reply.reply_text.startswith("+OK"):
             self._shutdown("connect refused")
             raise CommandError("connect was refused", command="connect", reply=reply.reply_text)
+        uuid = reply.headers.get("Unique-ID")
+        if uuid is not None and (uuid.__class__ is not str or not _USABLE_UUID.fullmatch(uuid)):
+            gevent.sleep(CONNECT_SETTLE_SECONDS)   # closing sooner could park the call for ever
+            self._protocol_error(f"the connect reply's Unique-ID is unusable: {loggable(uuid)}")
+            raise SessionClosed(self.close_reason, command="connect")
         self._connected_at = time.monotonic()
         self.channel = reply.headers
-        self.uuid = reply.headers.get("Unique-ID")
+        self.uuid = uuid
         self.socket_mode = reply.headers.get("Socket-Mode")
         self.control = reply.headers.get("Control")
         if self.resumed and (reply.headers.get("Answer-State") == "hangup" or
@@ -621,7 +652,10 @@ class Session:
             raise CommandError("command failed", uuid=self.uuid, command=description, reply=text)
         return text
 
-    def _command(self, data: bytes, description: str, timeout: float | None = None) -> Frame:
+    def _command(self, data: bytes, description: str, timeout: float | None = None,
+                 timeout_error: type = CommandTimeout) -> Frame:
+        """Send a command and wait for its reply; on timeout close the call and raise
+        ``timeout_error`` (logged here unless it is a HandshakeTimeout)."""
         if self._closed.is_set():
             raise SessionClosed(self.close_reason or "closed", uuid=self.uuid,
                                 command=description)
@@ -645,10 +679,11 @@ class Session:
             return slot.get(timeout)
         except gevent.Timeout:
             reason = f"no reply to {description!r} within {timeout}s"
-            log.warning("[%s] %s; closing this call", self.uuid, reason)
+            if timeout_error is not HandshakeTimeout:
+                log.warning("[%s] %s; closing this call", self.uuid, reason)
             self._shutdown(reason)
-            raise CommandTimeout(f"no reply within {timeout}s", uuid=self.uuid,
-                                 command=description) from None
+            raise timeout_error(f"no reply within {timeout}s", uuid=self.uuid,
+                                command=description) from None
 
     def _send_all(self, data: bytes) -> None:
         """Write a command. Commands are small: one plain send() nearly always takes it all
@@ -685,7 +720,8 @@ class Session:
     def _on_data(self, data: bytes) -> None:
         """Parse and dispatch what FreeSWITCH sent."""
         try:
-            for item in self._parser.feed(data):
+            items = self._parser.feed(data)
+            for item in items:
                 # Shut down meanwhile (close(), a timeout, an overflow)? Then no frame may
                 # reach the torn-down waiters and queue, not even the rest of this chunk.
                 if self._closed.is_set():
@@ -694,15 +730,37 @@ class Session:
                     self._on_event(item)
                 else:
                     self._dispatch(item)
+            if self.settings.frame_timeout and not self._closed.is_set():
+                self._time_frame(bool(items))
         except ProtocolError as exc:
-            self.counters.protocol_errors += 1
-            log.warning("[%s] protocol error from FreeSWITCH: %s; closing this call",
-                        self.uuid, exc)
-            self._shutdown(f"protocol error: {exc}")
+            self._protocol_error(str(exc))
         except Exception:
             log.exception("[%s] internal error in the session reader; closing this call",
                           self.uuid)
             self._shutdown("internal error in the session reader")
+
+    def _protocol_error(self, what: str) -> None:
+        self.counters.protocol_errors += 1
+        log.warning("[%s] protocol error from FreeSWITCH: %s; closing this call", self.uuid, what)
+        self._shutdown(f"protocol error: {what}")
+
+    def _time_frame(self, completed: bool) -> None:
+        """Give a begun frame its deadline (--frame-timeout): a peer trickling a byte a second
+        must not hold a call for ever. Each frame has its own, so a stream of frames whose
+        every read ends mid-frame is never cut."""
+        timer = self._frame_timer
+        if timer is not None and (completed or not self._parser.mid_frame):
+            # The frame timed so far is complete. (A new timer, not a restart: a libev timer
+            # stopped and started again keeps its first deadline.)
+            timer.close()
+            timer = self._frame_timer = None
+        if timer is None and self._parser.mid_frame:
+            self._frame_timer = get_hub().loop.timer(self.settings.frame_timeout)
+            self._frame_timer.start(self._frame_overdue)
+
+    def _frame_overdue(self) -> None:
+        self._protocol_error(f"a frame was not complete within {self.settings.frame_timeout}s "
+                             "(--frame-timeout)")
 
     def _realign(self, data: bytes) -> None:
         """While reattaching: drop bytes up to the end of the marker reply, then read on."""
@@ -736,7 +794,7 @@ class Session:
     def _dispatch(self, frame: Frame) -> None:
         content_type = frame.content_type
         if content_type in protocol.EVENT_CONTENT_TYPES:
-            self._on_event(protocol.parse_event(frame))
+            self._on_event(protocol.parse_event(frame, self._parser.check_block))
         elif frame.is_reply:
             if not self._pending:
                 raise ProtocolError(f"a {content_type} arrived with no command waiting for it")
@@ -808,6 +866,8 @@ class Session:
             return False
         self.close_reason = reason
         self._closed.set()
+        if self._frame_timer is not None:
+            self._frame_timer.close()
         pending, self._pending = self._pending, deque()
         executes, self._executes = self._executes, {}
         jobs, self._jobs = self._jobs, {}

@@ -41,7 +41,11 @@ COUNTERS = (("calls", "calls", "calls accepted"),
             ("resumed_gone", "calls_resumed_gone",
              "orphaned calls whose FreeSWITCH side had ended before a worker took them over"),
             ("resumed_failed", "calls_resumed_failed",
-             "orphaned calls a live worker failed to take over"))
+             "orphaned calls a live worker failed to take over"),
+            ("peers_refused", "peers_refused",
+             "connections from peers outside --allow, closed before a byte was sent"),
+            ("handshake_timeouts", "handshake_timeouts",
+             "connections closed for not answering connect within --handshake-timeout"))
 
 
 # (totals key and metric name, metric type, help): figures the master itself keeps.

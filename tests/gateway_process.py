@@ -42,7 +42,8 @@ def gateway_command() -> list[str]:
 
 class GatewayProcess:
     def __init__(self, workdir: Path, app: str, workers: int = 2, args=(), env=None,
-                 max_open_files: int | None = None, listen_socks=()):
+                 max_open_files: int | None = None, listen_socks=(), command=None):
+        self.command = command or gateway_command()   # another interpreter's, for --user tests
         self.max_open_files = max_open_files
         self.listen_socks = list(listen_socks)   # [(socket, name)] passed as systemd would
         self.workdir, self.app, self.workers, self.args = workdir, app, workers, list(args)
@@ -56,7 +57,7 @@ class GatewayProcess:
     def start(self, wait_ready: bool = True) -> "GatewayProcess":
         bind = [] if "-b" in self.args else ["-b", "127.0.0.1:0"]
         stats = [] if "--stats" in self.args else ["--stats", "127.0.0.1:0"]
-        command = [*gateway_command(), "run", *bind, "-w", str(self.workers), *stats,
+        command = [*self.command, "run", *bind, "-w", str(self.workers), *stats,
                    *self.args, self.app]
         env = dict(self.env)
         if self.listen_socks:

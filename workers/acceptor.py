@@ -3,7 +3,8 @@
 A loop callback accepts, so a new call costs no switch into an acceptor greenlet and back; the
 call's own greenlet is the first one to run. Accepting is one connection per wakeup, and only
 while the worker has room: at capacity the watchers stop, so a busy or full worker leaves calls
-in the kernel queue for its siblings instead of hoarding them.
+in the kernel queue for its siblings instead of hoarding them. A peer outside --allow is closed
+right after accept(), before a byte is sent, and never reaches the worker.
 
 A listener that a drain shut down (gateway.drain) is not an error: accept() says EINVAL, the
 socket stays readable (EPOLLHUP), so its watcher stops until the master says it listens again.
@@ -18,10 +19,12 @@ from __future__ import annotations
 import _socket
 import errno
 import logging
-import time
 from typing import Callable
 
 from gevent import get_hub
+
+from gateway.allowlist import Allowlist
+from gateway.logsafe import RateLimitedLog
 
 log = logging.getLogger("esl_gateway.worker")
 
@@ -29,14 +32,16 @@ log = logging.getLogger("esl_gateway.worker")
 BACKOFF_MIN, BACKOFF_MAX = 0.01, 1.0
 # Errors about one connection that died in the queue: skip it and accept the next.
 SKIPPABLE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
-ERROR_LOG_INTERVAL = 10.0   # at most one accept-error log line per interval
+LOG_INTERVAL = 10.0   # at most one accept-error line, and one refused-peer line, per interval
 
 
 class Acceptor:
     """Hands each accepted connection to ``on_connection``; paused while the worker is full."""
 
-    def __init__(self, listeners, on_connection: Callable[[_socket.socket], None]):
+    def __init__(self, listeners, on_connection: Callable[[_socket.socket], None],
+                 allowlist: Allowlist | None = None):
         self._on_connection = on_connection
+        self._allowlist = allowlist
         loop = get_hub().loop
         self._watchers = []
         for sock in listeners:
@@ -47,9 +52,10 @@ class Acceptor:
         self._backoff = BACKOFF_MIN
         self._full = self._closed = self._accepting = False
         self._not_listening: set[int] = set()   # fds of listeners a drain shut down
-        self._errors_logged_at = 0.0
-        self._errors_unlogged = 0
+        self._log_error = RateLimitedLog(log, LOG_INTERVAL)
+        self._log_refused = RateLimitedLog(log, LOG_INTERVAL)
         self.errors = 0
+        self.refused = 0   # peers outside --allow
 
     def start(self) -> None:
         self._update()
@@ -95,7 +101,7 @@ class Acceptor:
 
     def _accept(self, sock, kind) -> None:
         try:
-            fd, _ = sock._accept()
+            fd, peer = sock._accept()
         except BlockingIOError:
             return   # a sibling worker won the race for this one
         except OSError as exc:
@@ -108,18 +114,18 @@ class Acceptor:
                 self._back_off(exc)
             return
         self._backoff = BACKOFF_MIN
+        if self._allowlist is not None and not self._allowlist.allows(peer):
+            _socket.close(fd)
+            self.refused += 1
+            self._log_refused(logging.WARNING, "refused a connection from %s: not in --allow, "
+                              "closed before a byte was sent", peer[0])
+            return
         self._on_connection(_socket.socket(*kind, fd))
 
     def _back_off(self, exc: OSError) -> None:
-        """Pause accepting for a doubling delay; log once per ERROR_LOG_INTERVAL at most."""
-        now = time.monotonic()
-        if now - self._errors_logged_at < ERROR_LOG_INTERVAL:
-            self._errors_unlogged += 1
-        else:
-            log.warning("accept failed: %s (%d more since the last report); backing off %.2fs, "
-                        "the listening socket stays open and calls wait in its queue",
-                        exc, self._errors_unlogged, self._backoff)
-            self._errors_logged_at, self._errors_unlogged = now, 0
+        """Pause accepting for a doubling delay; log once per LOG_INTERVAL at most."""
+        self._log_error(logging.WARNING, "accept failed: %s; backing off %.2fs, the listening "
+                        "socket stays open and calls wait in its queue", exc, self._backoff)
         if self._backoff_timer is not None:   # a second listener failed in the same turn
             self._backoff_timer.close()
         self._backoff_timer = get_hub().loop.timer(self._backoff)

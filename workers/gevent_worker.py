@@ -28,10 +28,12 @@ from gevent.event import Event as Flag
 from gevent.lock import Semaphore
 
 from gateway import ipc
+from gateway.allowlist import Allowlist
 from gateway.app import load_app
+from gateway.logsafe import RateLimitedLog, loggable
 from gateway.scoreboard import INDEX
-from gateway.session import (Counters, ESLError, SessionClosed, Session, SessionSettings,
-                             close_after_poll)
+from gateway.session import (Counters, ESLError, HandshakeTimeout, SessionClosed, Session,
+                             SessionSettings, close_after_poll)
 from workers.acceptor import Acceptor
 from workers.base import EXIT_BOOT_ERROR, EXIT_OK, WorkerSpec, exit_status, set_title
 from workers.loop_watchdog import LoopWatchdog
@@ -47,6 +49,12 @@ CALLS, COMPLETED, FAILED, ACTIVE, SERVED, UNPROTECTED = (
     INDEX[name] for name in ("calls", "completed", "failed", "active", "served", "unprotected"))
 RESUMED, RESUMED_FALLBACK, RESUMED_GONE, RESUMED_FAILED = (
     INDEX[name] for name in ("resumed", "resumed_fallback", "resumed_gone", "resumed_failed"))
+HANDSHAKE_LOG_INTERVAL = 10.0   # at most one line per interval about silent peers
+# FreeSWITCH answers `connect` within milliseconds: a connection holds a call slot
+# (--worker-connections) for this long at most while it waits for its channel data, so a burst
+# of real calls is still spread over the workers (a handshake that took no slot would let one
+# worker take a whole backlog), while a silent peer soon gives its slot back.
+HANDSHAKE_GRACE = 0.1
 
 
 class GeventWorker:
@@ -62,6 +70,14 @@ class GeventWorker:
         self.started = time.time()
         self.sessions: dict[int, Session] = {}   # by call id
         self.calls: dict[gevent.Greenlet, int] = {}   # one per call, until it ends: its call id
+        # Connections still waiting for their channel data, by call id: for HANDSHAKE_GRACE
+        # they hold a call slot (their timer runs), then they count against --max-handshakes
+        # instead (silent): a silent peer costs memory, not capacity.
+        self._young: dict[int, object] = {}
+        self._silent: set[int] = set()
+        self._log_silent = RateLimitedLog(log, HANDSHAKE_LOG_INTERVAL)
+        self._log_handshakes_full = RateLimitedLog(log, HANDSHAKE_LOG_INTERVAL)
+        self._too_many_silent = False   # at --max-handshakes now
         self.ledger = spec.ledger   # copies of our calls' sockets go to the master (gateway.ipc)
         self.ledger.setblocking(False)   # a full ledger costs a call its survival, not a wait
         self._handed_over: set[int] = set()   # call ids left to the master for another worker
@@ -101,11 +117,16 @@ class GeventWorker:
             command_timeout=self.config.command_timeout, wait_timeout=self.config.wait_timeout,
             linger=self.config.linger,
             max_frame_size=self.config.max_frame_size,
-            max_queued_events=self.config.max_queued_events)
+            max_queued_events=self.config.max_queued_events,
+            handshake_timeout=self.config.handshake_timeout,
+            frame_timeout=self.config.frame_timeout,
+            max_header_block=self.config.max_header_block, max_headers=self.config.max_headers,
+            max_line_length=self.config.max_line_length)
         self.watchdog.start()   # after the app's import, which may legitimately take long
         self.max_calls = (self.config.max_calls + random.randint(0, self.config.max_calls_jitter)
                           if self.config.max_calls else 0)
-        self.acceptor = Acceptor(self.spec.listeners, self._on_connection)
+        self.acceptor = Acceptor(self.spec.listeners, self._on_connection,
+                                 Allowlist(self.config.allow))
         gevent.spawn(self._heartbeat_loop)
         gevent.spawn(self._watch_master)
         if self.spec.slot:
@@ -221,6 +242,9 @@ class GeventWorker:
                 scores[UNPROTECTED] += 1
                 log.warning("call %d cannot be handed to the master (%s): it will not survive "
                             "this worker's death", call_id, exc)
+        if not self.proxy:   # in proxy mode the backend, not this worker, says connect
+            timer = self._young[call_id] = gevent.get_hub().loop.timer(HANDSHAKE_GRACE)
+            timer.start(self._gone_quiet, call_id)
         self._add_call(self._proxy_call if self.proxy else self._serve_call, conn, call_id)
         if self.max_calls and self.calls_total >= self.max_calls:
             self.stop("recycled", f"served its {self.max_calls} calls (--max-calls)", True)
@@ -231,9 +255,7 @@ class GeventWorker:
         call = gevent.spawn(serve, conn, call_id, *args)
         call.rawlink(self._call_ended)   # also when killed before it ever ran
         self.calls[call] = call_id
-        self.scores[ACTIVE] = len(self.calls)
-        if len(self.calls) >= self.config.worker_connections:
-            self.acceptor.set_full(True)
+        self._update_room()
 
     def _call_ended(self, call) -> None:
         call_id = self.calls.pop(call)
@@ -244,9 +266,40 @@ class GeventWorker:
                 self.ledger.send(ipc.ledger_record(ipc.CLOSED, call_id))
             except OSError:
                 pass   # the master is gone (or not reading): it learns at our exit
+        self._forget_handshake(call_id)   # killed before its handshake ended
+        self._update_room()
+
+    def _update_room(self) -> None:
+        """Accept while there is room both for calls (--worker-connections: calls, and
+        connections in their first HANDSHAKE_GRACE) and for silent connections
+        (--max-handshakes)."""
+        silent = len(self._silent)
+        slots_held = len(self.calls) - silent
+        # Every connection held, handshakes included: one this worker dies with is a lost call.
         self.scores[ACTIVE] = len(self.calls)
-        if len(self.calls) < self.config.worker_connections:
-            self.acceptor.set_full(False)
+        too_many_silent = silent >= self.config.max_handshakes
+        if too_many_silent and not self._too_many_silent:   # logged as it starts
+            self._log_handshakes_full(logging.WARNING, "%d connections wait for their channel "
+                                      "data (--max-handshakes): not accepting until some answer "
+                                      "or time out", silent)
+        self._too_many_silent = too_many_silent
+        self.acceptor.set_full(slots_held >= self.config.worker_connections or too_many_silent)
+
+    def _gone_quiet(self, call_id: int) -> None:
+        """HANDSHAKE_GRACE has passed without channel data: give the call slot back."""
+        self._young.pop(call_id).close()
+        self._silent.add(call_id)
+        self._update_room()
+
+    def _forget_handshake(self, call_id: int) -> None:
+        timer = self._young.pop(call_id, None)
+        if timer is not None:
+            timer.close()
+        self._silent.discard(call_id)
+
+    def _handshake_over(self, call_id: int) -> None:
+        self._forget_handshake(call_id)
+        self._update_room()
 
     def _serve_call(self, conn, call_id: int) -> None:
         session = Session(conn, self.settings, self.counters)
@@ -254,11 +307,20 @@ class GeventWorker:
         completed = False
         try:
             try:
-                session.start()
+                try:
+                    session.start()
+                finally:
+                    self._handshake_over(call_id)
                 if session.full:
                     session.linger()   # finite: HANGUP_COMPLETE arrives, the call is released
                 else:
                     self._warn_not_full(session)
+            except HandshakeTimeout:
+                self.scores[INDEX["handshake_timeouts"]] += 1
+                self._log_silent(logging.WARNING, "closed a connection that did not answer "
+                                 "connect within %ss (--handshake-timeout)",
+                                 self.settings.handshake_timeout)
+                return
             except SessionClosed as exc:
                 log.info("call ended before its handler started: %s", exc)
                 return
@@ -406,6 +468,7 @@ class GeventWorker:
         scores[INDEX["commands"]] = counters.commands
         scores[INDEX["protocol_errors"]] = counters.protocol_errors
         scores[INDEX["accept_errors"]] = self.acceptor.errors
+        scores[INDEX["peers_refused"]] = self.acceptor.refused
         scores[INDEX["longest_block_ms"]] = int(self.watchdog.longest_block * 1000)
 
     def _warn_not_full(self, session: Session) -> None:
@@ -414,7 +477,7 @@ class GeventWorker:
             log.warning("[%s] the dialplan's socket app lacks `full` (Socket-Mode %s, Control "
                         "%s): linger, api, bgapi and event are refused, so hangup events may be "
                         "lost. Use `socket host:port async full` (logged once per worker).",
-                        session.uuid, session.socket_mode, session.control)
+                        session.uuid, loggable(session.socket_mode), loggable(session.control))
 
     # -- the master -------------------------------------------------------------------------
 
@@ -428,8 +491,9 @@ class GeventWorker:
                 self._send("hb")
             self._update_scores()
             if not self.scores[SERVED]:
-                if self._held.isdisjoint(self.calls):
-                    self._held = set(self.calls)
+                if self._held.isdisjoint(self.calls):   # a silent peer proves nothing
+                    self._held = {call for call, call_id in self.calls.items()
+                                  if call_id not in self._young and call_id not in self._silent}
                 else:   # a call up at the last heartbeat still is: its handler runs fine
                     self._served()
             self._title()

@@ -7,6 +7,8 @@ correctly on ``async`` (single-channel) and static sockets, which see less of th
 
 import logging
 
+from gateway.logsafe import loggable
+
 log = logging.getLogger("esl_gateway.examples.ivr")
 
 PROMPT = "ivr/ivr-welcome_to_freeswitch.wav"
@@ -23,6 +25,7 @@ def handle(session):
     # sockets; None if FreeSWITCH disconnected first. Returning then closes the socket, so
     # FreeSWITCH frees the channel without waiting out the linger time.
     final = session.wait_end(timeout=30)
+    # The caller chose its caller ID: loggable() keeps a newline in it from forging a log line.
     log.info("[%s] call from %s ended: %s", session.uuid,
-             session.channel.get("Caller-Caller-ID-Number"),
-             final.get("Hangup-Cause") if final else "disconnected")
+             loggable(session.channel.get("Caller-Caller-ID-Number")),
+             loggable(final.get("Hangup-Cause")) if final else "disconnected")
