@@ -293,10 +293,10 @@ class Frame(_LazyHeaders):
             return frame
         frame._reply_text = None
         # The connect reply is a serialised CHANNEL_DATA event: its values are url-encoded, so
-        # its bytes are plain ASCII (checked now, once per call).
+        # its bytes are plain ASCII and its escapes whole (checked now, once per call).
         encoded = body is None and _line_start(block, b"Event-Name: ") >= 0
-        if encoded and not block.isascii():
-            _check_text(block, "channel data")
+        if encoded:
+            _check_encoded(block, "channel data")
         frame._set_headers(None, block, encoded)
         frame.content_type = _line_value(block, b"Content-Type: ")
         if frame.content_type is None and b"ontent-" in block:   # another spelling
@@ -444,9 +444,11 @@ class _Framer:
                     ) -> None:
         """Refuse a header block over the size, line-count or line-length limit, or one that
         FreeSWITCH cannot have written: with a NUL byte (its values are C strings), or, where
-        it url-encodes every value (``encoded``), invalid UTF-8. Cheap for a block within
-        limits: two C scans and a comparison."""
-        if b"\0" in block or (encoded and not block.isascii()):
+        it url-encodes every value (``encoded``), invalid UTF-8 or a ``%`` that starts no
+        escape. Cheap for a block within limits: a few C scans and a comparison."""
+        if encoded:
+            _check_encoded(block, what)
+        elif b"\0" in block:
             _check_text(block, what)
         size = len(block)
         if size <= self._check_above:
@@ -464,6 +466,24 @@ class _Framer:
             if longest > self.max_line_length:
                 raise ProtocolError(f"{what} has a line of {longest} bytes, over the "
                                     f"{self.max_line_length}-byte limit (--max-line-length)")
+
+
+# In a url-encoded block every "%" starts an escape: FreeSWITCH writes a literal "%" as "%25".
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def _check_encoded(block: bytes, what: str) -> None:
+    """A url-encoded block (the channel data, a plain event's headers) as FreeSWITCH writes it:
+    plain ASCII without NUL, every ``%`` the start of an escape. (An escape of an invalid UTF-8
+    sequence is FreeSWITCH's own: it encodes whatever bytes a caller sent; it decodes to
+    U+FFFD.)"""
+    if b"\0" in block or not block.isascii():
+        _check_text(block, what)
+    bad = _BAD_ESCAPE.search(block)
+    if bad is not None:
+        at = bad.start()
+        escape = block[at:at + 3].split(b"\n")[0]
+        raise ProtocolError(f"invalid percent-escape {escape!r} in the {what} at offset {at}")
 
 
 def _check_text(block: bytes, what: str) -> None:

@@ -58,18 +58,33 @@ def test_each_bound_is_a_protocol_error_naming_it(data, limits, message):
     assert str(raised.value) == message
 
 
-@pytest.mark.parametrize("where", ["event", "channel data"])
-def test_invalid_escapes_are_kept_and_every_value_is_decoded_once(where):
-    """Values are decoded leniently (a check for bad escapes would more than double the parse
-    cost of channel data and events): an invalid escape stays as it is, an escaped invalid
-    UTF-8 sequence becomes U+FFFD, and nothing is decoded twice or can forge a header."""
-    pairs = b"X-Esc: %zz%E2%82%\nX-Twice: %2541\nX-Line: a%0AInjected: yes\n"
+def feed_values(where: str, pairs: bytes):
+    """``pairs`` (header lines) in an event's header block, or in the channel data."""
     if where == "event":
         item, = SessionParser().feed(plain_event(b"Event-Name: CUSTOM\n" + pairs + b"\n"))
-    else:
-        frame, = SessionParser().feed(b"Event-Name: CHANNEL_DATA\n" + pairs + b"\n")
-        item = frame.headers
-    assert item["X-Esc"] == "%zz\ufffd%"
+        return item
+    frame, = SessionParser().feed(b"Event-Name: CHANNEL_DATA\n" + pairs + b"\n")
+    return frame.headers
+
+
+@pytest.mark.parametrize("where,what", [("event", "event header block"),
+                                        ("channel data", "channel data")])
+@pytest.mark.parametrize("escape", [b"%zz", b"%4", b"%", b"%G0"])
+def test_a_percent_that_starts_no_escape_is_a_protocol_error(where, what, escape):
+    """FreeSWITCH writes a literal % as %25, so a bare one is not FreeSWITCH's."""
+    pairs = b"X-Name: Bob" + escape + b"\nX-Other: v\n"
+    with pytest.raises(ProtocolError) as raised:
+        feed_values(where, pairs)
+    assert f"invalid percent-escape {escape[:3]!r}" in str(raised.value)
+    assert what in str(raised.value)
+
+
+@pytest.mark.parametrize("where", ["event", "channel data"])
+def test_every_value_is_decoded_once_and_an_escaped_newline_forges_nothing(where):
+    """An escaped invalid UTF-8 sequence (FreeSWITCH encodes whatever bytes a caller sent)
+    becomes U+FFFD; nothing is decoded twice or can forge a header."""
+    item = feed_values(where, b"X-Esc: %E2%82\nX-Twice: %2541\nX-Line: a%0AInjected: yes\n")
+    assert item["X-Esc"] == "\ufffd"
     assert item["X-Twice"] == "%41"              # decoded once: %25 -> %, never again to A
     assert item["X-Line"] == "a\nInjected: yes"  # one value: an escaped newline forges nothing
     assert "Injected" not in item

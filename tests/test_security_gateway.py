@@ -88,6 +88,9 @@ HOSTILE = [
      "invalid UTF-8 in the channel data at offset 53"),
     ("newline in Unique-ID", "instead", channel_data("abc\nINFO forged line"),
      "the connect reply's Unique-ID is unusable: abc\\x0aINFO forged line"),
+    ("invalid percent-escapes", "instead",
+     channel_data("e", ("Caller-Caller-ID-Name", "Bob")).replace(b"Bob", b"%zz%E2%82%"),
+     "invalid percent-escape b'%zz' in the channel data at offset 87"),
 ]
 
 
@@ -110,26 +113,14 @@ def hostile_call(address, when: str, payload: bytes, index: int) -> tuple[bytes,
         sock.close()
 
 
-def tolerated_call(address) -> bytes:
-    """Channel data with invalid percent-escapes (decoded leniently, not refused): the gateway
-    goes on with the call, so its next command (linger) comes."""
-    with gsocket.create_connection(address, timeout=10) as sock:
-        assert sock.recv(64) == b"connect\n\n"
-        sock.sendall(channel_data("tolerated", ("Caller-Caller-ID-Name", "Bob"))
-                     .replace(b"Bob", b"%zz%E2%82%"))
-        return sock.recv(4096)
-
-
 def test_hostile_freeswitch_input_ends_only_that_call(start_gateway):
-    """13 kinds of bad input on one worker while 100 real calls run on it: each bad call ends
-    with exactly its protocol-error line, every real call completes, the worker lives on.
-    Invalid percent-escapes are no error: that call goes on."""
+    """14 kinds of bad input on one worker while 100 real calls run on it: each bad call ends
+    with exactly its protocol-error line, every real call completes, the worker lives on."""
     gateway = start_gateway(workers=1, args=["--frame-timeout", "1"])
     pid, = gateway.worker_pids()
     load = gevent.spawn(run_load, gateway.address, 100, 50, None, None, 16)
     hostile = [gevent.spawn(hostile_call, gateway.address, when, payload, index)
                for index, (_, when, payload, _) in enumerate(HOSTILE)]
-    assert tolerated_call(gateway.address).startswith(b"linger 10\n\n")
     gevent.joinall(hostile, raise_error=True)
     assert_all_completed(load.get(timeout=60), 100)
     for (name, *_), call in zip(HOSTILE, hostile):
@@ -141,12 +132,11 @@ def test_hostile_freeswitch_input_ends_only_that_call(start_gateway):
     assert "Traceback" not in log and "internal error" not in log
     assert "INFO forged line" not in log.replace("\\x0aINFO forged line", "")
     assert gateway.worker_pids() == [pid]
-    stats = wait_until(lambda: (s := gateway.stats())["totals"]["calls"] == 100 + len(HOSTILE) + 1
+    stats = wait_until(lambda: (s := gateway.stats())["totals"]["calls"] == 100 + len(HOSTILE)
                        and s["totals"]["calls_active"] == 0 and s, what="stats caught up")
     assert stats["totals"]["completed"] == 100
     assert stats["totals"]["protocol_errors"] == len(HOSTILE)
-    # The tolerated call failed only when we closed it before it could answer linger.
-    assert stats["totals"]["failed"] == len(HOSTILE) + 1
+    assert stats["totals"]["failed"] == len(HOSTILE)
 
 
 def test_500_silent_peers_cost_no_call_slot_and_are_closed_at_the_handshake_timeout(
