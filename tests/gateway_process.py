@@ -35,6 +35,14 @@ def wait_until(condition, timeout: float = 10.0, what: str = "condition", poll: 
     return value
 
 
+def run_command(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in the hub's thread pool: the calling greenlet waits, the simulated
+    calls in the others go on. Not gevent's subprocess: its child watcher makes the event loop
+    reap every child of the test process, so a test could no longer wait for a process of its
+    own (the orphaned workers a subreaper adopts, a master's exit status)."""
+    return gevent.get_hub().threadpool.apply(subprocess.run, (args,), kwargs)
+
+
 def gateway_command() -> list[str]:
     script = Path(sys.executable).with_name("esl-gateway")
     return [str(script)] if script.exists() else [sys.executable, "-m", "gateway"]

@@ -26,9 +26,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from gevent import subprocess as gsubprocess
 
-from tests.gateway_process import wait_until
+from tests.gateway_process import run_command, wait_until
 
 SYSTEMD = "/lib/systemd/systemd"
 PR_SET_PDEATHSIG = 1
@@ -191,8 +190,8 @@ class RealSystemd:
     def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
         """A command inside the namespaces (systemctl reaches that PID 1 through its /run).
         Cooperative, so simulated calls go on while systemctl waits for a job."""
-        result = gsubprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", *command],
-                                 capture_output=True, text=True)
+        result = run_command(["nsenter", "-t", str(self.pid1), "-m", "-p", *command],
+                             capture_output=True, text=True)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} exited {result.returncode}: "
                                  f"{result.stdout}{result.stderr}")

@@ -11,11 +11,10 @@ import time
 
 import gevent
 import pytest
-from gevent import subprocess as gsubprocess
 
 from gateway import drain, failover, listeners, report
 from gateway.simulator import CallOptions, SimulatedCall, run_load
-from tests.gateway_process import gateway_command, wait_until
+from tests.gateway_process import gateway_command, run_command, wait_until
 
 RATE = 200          # calls/s in all, half on each dialplan order
 SECONDS = 12
@@ -208,8 +207,8 @@ def test_drain_and_undrain_commands_and_an_upgrade_while_drained(start_gateway, 
     generation's workers accept again."""
     pidfile = tmp_path / "gateway.pid"
     gateway = start_gateway(workers=1, args=["-p", str(pidfile)])
-    done = gsubprocess.run([*gateway_command(), "drain", "-p", str(pidfile)],
-                           capture_output=True, text=True, timeout=30)
+    done = run_command([*gateway_command(), "drain", "-p", str(pidfile)],
+                       capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "sent SIGRTMIN+1" in done.stdout, done
     gateway.wait_for_log("drain complete")
     gateway.signal(signal.SIGUSR2)
@@ -217,8 +216,8 @@ def test_drain_and_undrain_commands_and_an_upgrade_while_drained(start_gateway, 
     assert health(gateway)[0] == 503 and "draining: refusing" in health(gateway)[1]
     assert SimulatedCall(gateway.address, CallOptions(), random.Random(1)).run().outcome == \
         "refused"
-    done = gsubprocess.run([*gateway_command(), "undrain", "-p", str(pidfile)],
-                           capture_output=True, text=True, timeout=30)
+    done = run_command([*gateway_command(), "undrain", "-p", str(pidfile)],
+                       capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "sent SIGRTMIN+2" in done.stdout, done
     wait_until(lambda: health(gateway)[0] == 200, 5, "/healthz 200 after undrain")
     assert run_load(gateway.address, calls=20, rate=100).counts()["completed"] == 20

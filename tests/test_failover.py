@@ -7,11 +7,10 @@ import random
 import socket
 
 import pytest
-from gevent import subprocess as gsubprocess
 
 from gateway import drain, failover, listeners
 from gateway.simulator import CallOptions, SimulatedCall, run_load
-from tests.gateway_process import gateway_command
+from tests.gateway_process import gateway_command, run_command
 
 
 def closed_port() -> tuple[str, int]:
@@ -81,14 +80,14 @@ def test_every_host_refusing_is_a_refused_call():
 def test_loadtest_and_probe_take_a_target_list(start_gateway):
     gateway = start_gateway(workers=1)
     targets = f"{failover.describe(closed_port())}|{failover.describe(gateway.address)}"
-    done = gsubprocess.run([*gateway_command(), "loadtest", targets, "--calls", "10", "--json"],
-                           capture_output=True, text=True, timeout=60)
+    done = run_command([*gateway_command(), "loadtest", targets, "--calls", "10", "--json"],
+                       capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     view = json.loads(done.stdout)
     assert list(view["hosts"].values()) == [{"calls": 0, "refused": 10, "stalled": 0},
                                             {"calls": 10, "refused": 0, "stalled": 0}]
-    done = gsubprocess.run([*gateway_command(), "probe", targets, "--wait", "2"],
-                           capture_output=True, text=True, timeout=60)
+    done = run_command([*gateway_command(), "probe", targets, "--wait", "2"],
+                       capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout
     first, second = targets.split("|")
     assert f"{first}: refused (FreeSWITCH tries the next host at once)" in done.stdout

@@ -8,11 +8,10 @@ import socket
 import struct
 
 import pytest
-from gevent import subprocess as gsubprocess
 from gevent.server import StreamServer
 
 from gateway import loadtest, probe
-from tests.gateway_process import gateway_command
+from tests.gateway_process import gateway_command, run_command
 
 
 def serve(handler):
@@ -56,8 +55,8 @@ def probe_args(address, wait=1.0):
 def test_probe_says_ok_for_our_gateway(start_gateway):
     """Against esl-gateway: connect comes first, the call ends cleanly, exit status 0."""
     gateway = start_gateway(app="gateway.examples.ivr:handle", workers=1)
-    done = gsubprocess.run([*gateway_command(), "probe", "%s:%d" % gateway.address],
-                           capture_output=True, text=True, timeout=60)
+    done = run_command([*gateway_command(), "probe", "%s:%d" % gateway.address],
+                       capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout
     assert "commands: connect, linger 10, myevents, sendmsg execute answer" in done.stdout
     assert "verdict: OK" in done.stdout
@@ -123,10 +122,10 @@ def test_loadtest_counts_each_failure_mode(handler, outcome):
 def test_loadtest_command_against_the_gateway(start_gateway, scenario, extra):
     """The CLI with several generator processes: JSON out, every call completed, exit 0."""
     gateway = start_gateway(app="gateway.examples.ivr:handle", workers=2)
-    done = gsubprocess.run([*gateway_command(), "loadtest", "%s:%d" % gateway.address,
-                            "--scenario", scenario, "--calls", "200", "--rate", "200",
-                            "--procs", "2", "--json", *extra],
-                           capture_output=True, text=True, timeout=120)
+    done = run_command([*gateway_command(), "loadtest", "%s:%d" % gateway.address,
+                        "--scenario", scenario, "--calls", "200", "--rate", "200",
+                        "--procs", "2", "--json", *extra],
+                       capture_output=True, text=True, timeout=120)
     view = json.loads(done.stdout)
     assert done.returncode == 0, view
     assert view["calls"] == 200 and view["outcomes"]["completed"] == 200
@@ -139,9 +138,9 @@ def test_loadtest_exit_status_reports_failures():
     """A run with any failed call exits non-zero (for scripts and CI)."""
     server = serve(resetting)
     try:
-        done = gsubprocess.run([*gateway_command(), "loadtest", "%s:%d" % server.address,
-                                "--calls", "5", "--concurrency", "5"],
-                               capture_output=True, text=True, timeout=60)
+        done = run_command([*gateway_command(), "loadtest", "%s:%d" % server.address,
+                            "--calls", "5", "--concurrency", "5"],
+                           capture_output=True, text=True, timeout=60)
     finally:
         server.stop()
     assert done.returncode == 1
