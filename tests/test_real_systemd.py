@@ -32,6 +32,10 @@ SERVICE = "esl-gateway.service"
 SOCKET = "esl-gateway.socket"
 CALLS_PER_STEP, RATE = 200, 50          # 4 s of calls around each operation
 CALL = CallOptions(playback_ms=200)     # a 200 ms prompt: ~10 calls up at any moment
+# A new generation is ready in about a second here. With a 20-s wait the upgrade step failed once
+# on a loaded machine (cause not seen; the journal is printed now): an upgrade starts a check
+# process, re-execs, and boots a fork server and two workers, each importing everything.
+READY_WAIT = 60
 
 
 def free_port() -> int:
@@ -153,7 +157,7 @@ def kill_master_with_calls_arriving(systemd, master_pid: str) -> dict:
     master. Nothing is cut, refused or left waiting."""
     def kill_master():
         systemd.systemctl("kill", "-s", "KILL", "--kill-whom=main", SERVICE)
-        wait_until(lambda: service_ready(systemd, 1), 20, "a new master ready")
+        wait_until(lambda: service_ready(systemd, 1), READY_WAIT, "a new master ready")
     result, _, _ = calls_around(systemd, kill_master)
     restarted = service_ready(systemd, 1)
     assert restarted["NRestarts"] == "1" and restarted["MainPID"] != master_pid
@@ -202,19 +206,21 @@ def test_shipped_units_under_real_systemd(boot_systemd):
     result = run_load(systemd.address, CALLS_PER_STEP, RATE, None, CALL)   # starts the service
     print(f"\nsocket activation: {result.counts()}")
     assert_all_completed(result)
-    first = wait_until(lambda: service_ready(systemd, 1), 20, "generation 1 ready")
+    first = wait_until(lambda: service_ready(systemd, 1), READY_WAIT, "generation 1 ready")
     wait_for_journal(systemd, r"using 1 listening socket\(s\) passed by systemd \(esl\)")
 
     def reload():
         systemd.systemctl("reload", SERVICE)
-        wait_until(lambda: service_ready(systemd, 2), 20, "generation 2 ready after reload")
+        wait_until(lambda: service_ready(systemd, 2), READY_WAIT,
+                   "generation 2 ready after reload")
     result, _, _ = calls_around(systemd, reload)
     assert_all_completed(result)
     wait_for_journal(systemd, "reload complete: generation 2 accepting")
 
     def upgrade():
         systemd.systemctl("kill", "-s", "USR2", SERVICE)
-        wait_until(lambda: service_ready(systemd, 3), 20, "generation 3 ready after upgrade")
+        wait_until(lambda: service_ready(systemd, 3), READY_WAIT,
+                   "generation 3 ready after upgrade")
     result, _, _ = calls_around(systemd, upgrade)
     assert_all_completed(result)
     assert service_ready(systemd, 3)["MainPID"] == first["MainPID"]   # re-exec'd in place
