@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from gateway import protocol
+
 ENV_PREFIX = "ESL_GATEWAY_"
 # Who may connect by default: loopback and the private ranges, where FreeSWITCH usually is.
 DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
@@ -257,18 +259,19 @@ SETTINGS: tuple[Setting, ...] = (
             help="Connections per worker that may wait for their channel data at once after "
                  "their first 0.1 s; until then a connection holds a --worker-connections slot, "
                  "after it only one of these, so silent peers cost memory, not call slots."),
-    Setting("max_frame_size", positive_int, 8 * 1024 * 1024, ("--max-frame-size",),
+    Setting("max_frame_size", positive_int, protocol.DEFAULT_MAX_FRAME_SIZE, ("--max-frame-size",),
             metavar="BYTES", help="Largest frame accepted from FreeSWITCH; a larger one closes "
                                   "that call as a protocol error."),
-    Setting("max_header_block", positive_int, 1024 * 1024, ("--max-header-block",),
-            metavar="BYTES",
+    Setting("max_header_block", positive_int, protocol.DEFAULT_MAX_HEADER_BLOCK,
+            ("--max-header-block",), metavar="BYTES",
             help="Largest header block (a frame's, or a plain event's own) accepted from "
                  "FreeSWITCH; a larger one closes that call as a protocol error."),
-    Setting("max_headers", positive_int, 10000, ("--max-headers",), metavar="N",
+    Setting("max_headers", positive_int, protocol.DEFAULT_MAX_HEADERS, ("--max-headers",),
+            metavar="N",
             help="Most header lines in one header block from FreeSWITCH (a call's channel "
                  "data has a few hundred); more closes that call as a protocol error."),
-    Setting("max_line_length", positive_int, 256 * 1024, ("--max-line-length",),
-            metavar="BYTES",
+    Setting("max_line_length", positive_int, protocol.DEFAULT_MAX_LINE_LENGTH,
+            ("--max-line-length",), metavar="BYTES",
             help="Longest header line accepted from FreeSWITCH; a longer one closes that call "
                  "as a protocol error."),
     Setting("frame_timeout", non_negative_float, 10.0, ("--frame-timeout",), metavar="SECONDS",

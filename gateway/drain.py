@@ -103,7 +103,8 @@ def half_open(sock: socket.socket) -> int:
                     code = -struct.unpack_from("=i", data, offset + NLMSG.size)[0]
                     raise OSError(code, f"sock_diag: {os.strerror(code)}")
                 local_port, local = DIAG_MESSAGE.unpack_from(data, offset + NLMSG.size)
-                if int.from_bytes(local_port, "big") == port and (wildcard or local[:len(address)] == address):
+                if int.from_bytes(local_port, "big") == port and (
+                        wildcard or local[:len(address)] == address):
                     count += 1
                 offset += (length + 3) & ~3   # NLMSG_ALIGN
 

@@ -343,8 +343,10 @@ def _line_value(block: bytes, prefix: bytes) -> str | None:
 
 
 class _Framer:
-    """Cuts a byte stream into frames, enforcing a size limit; ``_make`` builds each one from
-    (header block, body, common).
+    """Cuts a byte stream into frames, enforcing a size limit; each subclass's ``_frame`` builds
+    one from (header block, body, common). A method, not a function kept on the instance: a bound
+    method kept there would make every parser a reference cycle, freed by the garbage collector
+    instead of at once, one per call.
 
     Shared by both directions, since FreeSWITCH frames and our commands are framed alike. A block
     ends at two newlines in a row, ignoring any ``\r`` between them (FreeSWITCH's own rule).
@@ -357,9 +359,10 @@ class _Framer:
     """
 
     __slots__ = ("max_frame_size", "max_header_block", "max_headers", "max_line_length",
-                 "_check_above", "_make", "_buf", "_scan_from", "_pending", "_body_len")
+                 "_check_above", "_buf", "_scan_from", "_pending", "_body_len")
 
-    def __init__(self, max_frame_size: int, make, max_header_block: int = DEFAULT_MAX_HEADER_BLOCK,
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 max_header_block: int = DEFAULT_MAX_HEADER_BLOCK,
                  max_headers: int = DEFAULT_MAX_HEADERS,
                  max_line_length: int = DEFAULT_MAX_LINE_LENGTH):
         self.max_frame_size = max_frame_size
@@ -368,7 +371,6 @@ class _Framer:
         self.max_line_length = max_line_length
         # A block of n bytes has at most n lines, none longer than n: smaller ones need no count.
         self._check_above = min(self.max_header_block, max_headers, max_line_length)
-        self._make = make
         self._buf = bytearray()
         self._scan_from = 0          # the block end cannot start before this offset
         self._pending = None         # (header block, common) waiting for the block's body
@@ -429,7 +431,7 @@ class _Framer:
                         raise ProtocolError(f"Content-Length {length} exceeds the {limit}-byte "
                                             "limit")
                 if length is None:
-                    out.append(self._make(block, None, common))
+                    out.append(self._frame(block, None, common))
                     continue
                 self._pending, self._body_len = (block, common), length
             if len(buf) < self._body_len:
@@ -437,7 +439,7 @@ class _Framer:
             body = bytes(buf[:self._body_len])
             del buf[:self._body_len]
             block, common = self._pending
-            out.append(self._make(block, body, common))
+            out.append(self._frame(block, body, common))
             self._pending = None
 
     def check_block(self, block: bytes, what: str = "header block", encoded: bool = False
@@ -533,8 +535,8 @@ class Parser(_Framer):
 
     __slots__ = ()
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, **limits):
-        super().__init__(max_frame_size, Frame.from_block, **limits)
+    def _frame(self, block: bytes, body: bytes | None, common: re.Match | None) -> Frame:
+        return Frame.from_block(block, body, common)
 
 
 # --------------------------------------------------------------------------------------------
@@ -836,11 +838,8 @@ class SessionParser(_Framer):
 
     __slots__ = ()
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, **limits):
-        super().__init__(max_frame_size, self._event_or_frame, **limits)
-
-    def _event_or_frame(self, block: bytes, body: bytes | None, common: re.Match | None
-                        ) -> Event | Frame:
+    def _frame(self, block: bytes, body: bytes | None, common: re.Match | None
+               ) -> Event | Frame:
         if common is not None and common[2] == b"text/event-plain":   # body: set, by its length
             return parse_plain_event(body, self.check_block)
         return Frame.from_block(block, body, common)
@@ -854,11 +853,11 @@ class CommandParser(_Framer):
 
     __slots__ = ()
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, **limits):
-        super().__init__(max_frame_size, _command_from_block, **limits)
+    def _frame(self, block: bytes, body: bytes | None, _common) -> Command:
+        return _command_from_block(block, body)
 
 
-def _command_from_block(block: bytes, body: bytes | None, _common) -> Command:
+def _command_from_block(block: bytes, body: bytes | None) -> Command:
     line, _, rest = block.partition(b"\n")
     return Command(line.decode("utf-8", "replace").strip("\r"),
                    Headers(_split_header_block(rest)), body)
@@ -876,7 +875,7 @@ def whole_commands(data: bytes) -> list[Command] | None:
             or len(data) > DEFAULT_MAX_FRAME_SIZE or not data.isascii() or b"\r" in data
             or b"content-length" in data.lower()):
         return None
-    return [_command_from_block(block, None, None) for block in data[:-2].split(b"\n\n")]
+    return [_command_from_block(block, None) for block in data[:-2].split(b"\n\n")]
 
 
 # --------------------------------------------------------------------------------------------

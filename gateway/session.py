@@ -748,13 +748,13 @@ class Session:
         """Give a begun frame its deadline (--frame-timeout): a peer trickling a byte a second
         must not hold a call for ever. Each frame has its own, so a stream of frames whose
         every read ends mid-frame is never cut."""
-        timer = self._frame_timer
-        if timer is not None and (completed or not self._parser.mid_frame):
+        timer, mid_frame = self._frame_timer, self._parser.mid_frame
+        if timer is not None and (completed or not mid_frame):
             # The frame timed so far is complete. (A new timer, not a restart: a libev timer
             # stopped and started again keeps its first deadline.)
             timer.close()
             timer = self._frame_timer = None
-        if timer is None and self._parser.mid_frame:
+        if timer is None and mid_frame:
             self._frame_timer = get_hub().loop.timer(self.settings.frame_timeout)
             self._frame_timer.start(self._frame_overdue)
 
