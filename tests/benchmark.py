@@ -110,15 +110,22 @@ def start_raw(workers: int = 2):
 # Measuring
 # ------------------------------------------------------------------------------------------
 
-def cpu_seconds(pids) -> float:
-    total = 0
+def cpu_times(pids) -> tuple[float, float]:
+    """User and kernel CPU seconds of ``pids``, those still running."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])
+        system += int(fields[12])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
+
+
+def cpu_seconds(pids) -> float:
+    return sum(cpu_times(pids))
 
 
 def loadtest_command(address, *args) -> list[str]:
@@ -162,19 +169,22 @@ def max_clean_rate(address, seconds: float, procs: int) -> tuple[float, list]:
 
 
 def cpu_side_by_side(targets, rate: int, seconds: float, procs: int
-                     ) -> tuple[list[float], float]:
+                     ) -> tuple[list[tuple[float, float]], float]:
     """CPU seconds per completed call of each (address, pids_of) server, all loaded at the same
-    time by generators of their own, so the machine's drifting speed weighs on them alike; and
-    the generators' CPU seconds per call."""
-    before = [cpu_seconds(pids_of()) for _, pids_of in targets]
+    time by generators of their own, so the machine's drifting speed weighs on them alike, as
+    (all, of which in the kernel); and the generators' CPU seconds per call."""
+    before = [cpu_times(pids_of()) for _, pids_of in targets]
     generators_before = children_cpu()
     runs = [subprocess.Popen(loadtest_command(address, "--rate", str(rate), "--duration",
                                               str(seconds), "--procs", str(procs)),
                              stdout=subprocess.PIPE, text=True) for address, _ in targets]
     calls = [max(json.loads(run.communicate(timeout=900)[0])["outcomes"]["completed"], 1)
              for run in runs]
-    servers = [(cpu_seconds(pids_of()) - cpu) / count
-               for (_, pids_of), cpu, count in zip(targets, before, calls)]
+    servers = []
+    for (_, pids_of), (user, system), count in zip(targets, before, calls):
+        user_now, system_now = cpu_times(pids_of())
+        servers.append(((user_now - user + system_now - system) / count,
+                        (system_now - system) / count))
     return servers, (children_cpu() - generators_before) / sum(calls)
 
 
@@ -269,9 +279,11 @@ def proxy_cost(open_files: int, seconds: float, procs: int) -> dict:
                    (proxy.address, lambda: every_pid(proxy) + backend_pids)]
         rounds = []
         for _ in range(CPU_ROUNDS):
-            (direct, through), _ = cpu_side_by_side(targets, CPU_RATE, seconds, procs)
+            ((direct, direct_kernel), (through, through_kernel)), _ = cpu_side_by_side(
+                targets, CPU_RATE, seconds, procs)
             rounds.append({"direct_ms": 1000 * direct, "through_ms": 1000 * through,
-                           "added_ms": 1000 * (through - direct), "ratio": through / direct})
+                           "added_ms": 1000 * (through - direct), "ratio": through / direct,
+                           "kernel_added_ms": 1000 * (through_kernel - direct_kernel)})
         return sorted(rounds, key=lambda r: r["added_ms"])[CPU_ROUNDS // 2] | {"rounds": rounds}
     finally:
         proxy.stop()
@@ -280,6 +292,13 @@ def proxy_cost(open_files: int, seconds: float, procs: int) -> dict:
             os.waitpid(pid, 0)
         direct_sock.close()
         backend_sock.close()
+
+
+def framer_cost() -> dict:
+    """The framer's CPU per call, parsing what sessions read (tests/framer_cost.py)."""
+    output = subprocess.run([sys.executable, "-m", "tests.framer_cost"], capture_output=True,
+                            text=True, cwd=ROOT, check=True, timeout=300)
+    return json.loads(output.stdout)
 
 
 def sporadic_crashes(open_files: int, rate: int, runs: int, survival: str) -> list[dict]:
@@ -362,9 +381,11 @@ def main() -> int:
                    (raw_address, lambda: raw_pids)]
         results["cpu_rounds"] = []
         for _ in range(CPU_ROUNDS):
-            (ours, off, raw), generator = cpu_side_by_side(targets, CPU_RATE, seconds,
-                                                           args.procs)
+            ((ours, ours_kernel), (off, _), (raw, raw_kernel)), generator = cpu_side_by_side(
+                targets, CPU_RATE, seconds, args.procs)
             results["cpu_rounds"].append({"gateway_ms": 1000 * ours, "raw_ms": 1000 * raw,
+                                          "gateway_kernel_ms": 1000 * ours_kernel,
+                                          "raw_kernel_ms": 1000 * raw_kernel,
                                           "no_survival_ms": 1000 * off, "ratio": ours / raw,
                                           "survival_ratio": ours / off,
                                           "generator_ms": 1000 * generator})
@@ -374,6 +395,8 @@ def main() -> int:
         results["no_survival_cpu_ms_per_call"] = median["no_survival_ms"]
         results["generator_cpu_ms_per_call"] = median["generator_ms"]
         results["cpu_ratio"] = median["ratio"]
+        results["kernel_ms_per_call"] = median["gateway_kernel_ms"]
+        results["raw_kernel_ms_per_call"] = median["raw_kernel_ms"]
         results["survival_ratio"] = sorted(
             c["survival_ratio"] for c in results["cpu_rounds"])[CPU_ROUNDS // 2]
         results["at_1000"] = responsive_at(gateway.address, 1000, seconds,
@@ -390,6 +413,7 @@ def main() -> int:
             os.waitpid(pid, 0)
         raw_sock.close()
     results["proxy"] = proxy_cost(open_files, seconds, args.procs)
+    results["framer"] = framer_cost()
     for survival in ("off", "on"):
         results[f"sporadic_500_survival_{survival}"] = sporadic_crashes(
             open_files, 500, 1 if args.quick else 5, survival)
@@ -414,6 +438,7 @@ def report(r: dict) -> str:
         return "held" if ok else "NOT held"
     worst = max(c["ratio"] for c in r["cpu_rounds"])
     worst_p99 = max(run["first_byte_p99_ms"] for run in r["at_1000"])
+    framer_ms = r["framer"]["framer_us_per_call"] / 1000
     lines = [f"esl-gateway benchmark, {r['date']}, {r['cores']} cores (generator shares them)",
              "",
              f"{'figure':<44}{'esl-gateway':>14}{'raw gevent':>14}   target",
@@ -424,6 +449,11 @@ def report(r: dict) -> str:
              f"{r['raw_cpu_ms_per_call']:>14.3f}   <= 1.3x raw, no round > 1.45x: ratio "
              f"{r['cpu_ratio']:.2f}, worst {worst:.2f} "
              f"{mark(r['cpu_ratio'] <= 1.3 and worst <= 1.45)}",
+             f"{'  of which in the kernel (ms)':<44}{r['kernel_ms_per_call']:>14.3f}"
+             f"{r['raw_kernel_ms_per_call']:>14.3f}   the rest is user space",
+             f"{'  parsing: the framer, warm, one process (ms)':<44}{framer_ms:>14.3f}"
+             f"{'':>14}   a framer that cost nothing: ratio "
+             f"{(r['cpu_ms_per_call'] - framer_ms) / r['raw_cpu_ms_per_call']:.2f} at best",
              f"{'first byte p50 / p99 at 200 calls/s (ms)':<44}"
              f"{r['first_byte_at_200']['p50']:>6.2f} / {r['first_byte_at_200']['p99']:<5.2f}"
              f"{r['raw_first_byte_at_200']['p50']:>6.2f} / {r['raw_first_byte_at_200']['p99']:<5.2f}"
@@ -457,7 +487,8 @@ def report(r: dict) -> str:
     lines.append(f"{'proxy: CPU per call added (ms)':<44}{proxy['added_ms']:>14.3f}"
                  f"{'':>14}   <= 0.3: {mark(proxy['added_ms'] <= 0.3)} (direct "
                  f"{proxy['direct_ms']:.3f} ms, through the proxy {proxy['through_ms']:.3f} ms: "
-                 f"ratio {proxy['ratio']:.2f}; rounds " + ", ".join(
+                 f"ratio {proxy['ratio']:.2f}; of the added, in the kernel "
+                 f"{proxy['kernel_added_ms']:.3f} ms; rounds " + ", ".join(
                      f"{c['added_ms']:.3f}" for c in proxy["rounds"]) + ")")
     for survival in ("off", "on"):
         runs = r[f"sporadic_500_survival_{survival}"]
