@@ -301,7 +301,7 @@ def proxy_cost(open_files: int, seconds: float, procs: int) -> dict:
 
 
 def framer_cost() -> dict:
-    """The framer's CPU per call, parsing what sessions read (tests/framer_cost.py)."""
+    """The framer's CPU per call, warm and on flushed caches (tests/framer_cost.py)."""
     output = subprocess.run([sys.executable, "-m", "tests.framer_cost"], capture_output=True,
                             text=True, cwd=ROOT, check=True, timeout=300)
     return json.loads(output.stdout)
@@ -448,6 +448,7 @@ def report(r: dict) -> str:
     worst = max(c["ratio"] for c in r["cpu_rounds"])
     worst_p99 = max(run["first_byte_p99_ms"] for run in r["at_1000"])
     framer_ms = r["framer"]["framer_us_per_call"] / 1000
+    framer_cold_ms = r["framer"]["framer_cold_us_per_call"] / 1000
     lines = [f"esl-gateway benchmark, {r['date']}, {r['cores']} cores (generator shares them); "
              f"{r['stolen_percent']:.1f} % of the run's CPU time stolen by the hypervisor",
              "",
@@ -461,9 +462,9 @@ def report(r: dict) -> str:
              f"{mark(r['cpu_ratio'] <= 1.3 and worst <= 1.45)}",
              f"{'  of which in the kernel (ms)':<44}{r['kernel_ms_per_call']:>14.3f}"
              f"{r['raw_kernel_ms_per_call']:>14.3f}   the rest is user space",
-             f"{'  parsing: the framer, warm, one process (ms)':<44}{framer_ms:>14.3f}"
-             f"{'':>14}   a framer that cost nothing: ratio "
-             f"{(r['cpu_ms_per_call'] - framer_ms) / r['raw_cpu_ms_per_call']:.2f} at best",
+             f"{'  the framer, caches flushed / warm (ms)':<44}"
+             f"{f'{framer_cold_ms:.3f} / {framer_ms:.3f}':>14}{'':>14}   a framer that cost nothing: "
+             f"ratio about {(r['cpu_ms_per_call'] - framer_cold_ms) / r['raw_cpu_ms_per_call']:.2f}",
              f"{'first byte p50 / p99 at 200 calls/s (ms)':<44}"
              f"{r['first_byte_at_200']['p50']:>6.2f} / {r['first_byte_at_200']['p99']:<5.2f}"
              f"{r['raw_first_byte_at_200']['p50']:>6.2f} / {r['raw_first_byte_at_200']['p99']:<5.2f}"
