@@ -828,12 +828,15 @@ class Command:
         return f"<Command {self.line!r}>"
 
 
-class SessionParser(_Framer):
+class PySessionParser(_Framer):
     """FreeSWITCH → a session: a ``Parser`` that hands out a plain event's frame as its
     ``Event`` (what the session wants of it), and every other frame as a ``Frame``.
 
     Most frames of a call are plain events: this skips a Frame per event and its dispatch.
     A plain event's own header block is held to the same limits as the frame's.
+
+    The reference: sessions use ``SessionParser``, the same framer in C (gateway/_framer.c)
+    where it was built, which defers to this module's functions whenever it is not sure.
     """
 
     __slots__ = ()
@@ -843,6 +846,29 @@ class SessionParser(_Framer):
         if common is not None and common[2] == b"text/event-plain":   # body: set, by its length
             return parse_plain_event(body, self.check_block)
         return Frame.from_block(block, body, common)
+
+
+try:
+    from gateway import _framer
+except ImportError:   # not compiled where this was installed (no C compiler): still correct
+    _framer = None
+
+
+def bind_framer() -> None:
+    """Give the C framer the classes it builds and the reference functions it defers to."""
+    _framer.bind(ProtocolError, Event, Frame, Frame.from_block, parse_plain_event,
+                 _block_content_length, _Framer.check_block, CONTENT_COMMAND_REPLY,
+                 (DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_BLOCK, DEFAULT_MAX_HEADERS,
+                  DEFAULT_MAX_LINE_LENGTH))
+
+
+if _framer is not None:
+    bind_framer()
+    SessionParser = _framer.SessionParser
+else:
+    SessionParser = PySessionParser
+# What frames a session's bytes, for the logs and /stats.
+FRAMER = "C" if _framer is not None else "pure Python (gateway/_framer.c was not compiled)"
 
 
 class CommandParser(_Framer):
