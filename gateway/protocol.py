@@ -27,6 +27,11 @@ from urllib.parse import unquote
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as xml_escape
 
+try:   # the session's framer and header search in C, where they were compiled
+    from gateway import _framer
+except ImportError:   # not compiled where this was installed (no C compiler): still correct
+    _framer = None
+
 DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
 DEFAULT_MAX_HEADER_BLOCK = 1024 * 1024
 DEFAULT_MAX_HEADERS = 10000
@@ -224,10 +229,10 @@ class _LazyHeaders:
 _UNSURE = object()
 # A name a byte search finds exactly as the header split would: no separator, no line break.
 _PLAIN_NAME = re.compile(r"[^:\r\n]+")
-# name -> b"name: " (b"" when not a plain name): a call looks up the same few names again and
-# again. Bounded, since a handler may look up names without end.
-_search_prefixes: dict[str, bytes] = {}
-_SEARCH_PREFIXES_KEPT = 1024
+# name -> (b"name: ", b"lowered name:"), (b"", b"") when not a plain name: a call looks up the
+# same few names again and again. Bounded, since a handler may look up names without end.
+_search_keys: dict[str, tuple[bytes, bytes]] = {}
+_SEARCH_KEYS_KEPT = 1024
 
 
 def _search_value(block: bytes, name: str):
@@ -236,18 +241,26 @@ def _search_value(block: bytes, name: str):
     Returns the value, _MISSING when the block has no such header, or _UNSURE when only splitting
     the block settles it exactly as ``Headers`` would: a repeated name, a ``\r``, a value that
     may go on over the next line, or (in a block that is not ASCII) a name in another case.
+    The search itself is the C framer's where it was built (``_search_block``).
     """
-    prefix = _search_prefixes.get(name)
-    if prefix is None:
-        prefix = name.encode() + b": " if _PLAIN_NAME.fullmatch(name) else b""
-        if len(_search_prefixes) < _SEARCH_PREFIXES_KEPT:
-            _search_prefixes[name] = prefix
+    keys = _search_keys.get(name)
+    if keys is None:
+        keys = ((name.encode() + b": ", name.lower().encode() + b":")
+                if _PLAIN_NAME.fullmatch(name) else (b"", b""))
+        if len(_search_keys) < _SEARCH_KEYS_KEPT:
+            _search_keys[name] = keys
+    return _search_block(block, *keys)
+
+
+def _py_search_block(block: bytes, prefix: bytes, lowered: bytes):
+    """_search_value's search: ``prefix`` is ``b"Name: "``, ``lowered`` ``b"name:"`` (as
+    ``name.lower()`` folds it), both empty for a name a byte search cannot find exactly."""
     if not prefix or b"\r" in block:
         return _UNSURE
     at = _line_start(block, prefix)
     if at < 0:
         # Absent in any case? Header lines start "name:" ("name:" alone is an empty value).
-        if block.isascii() and _line_start(block.lower(), name.lower().encode() + b":") < 0:
+        if block.isascii() and _line_start(block.lower(), lowered) < 0:
             return _MISSING
         return _UNSURE
     if block.find(b"\n" + prefix[:-1], at) >= 0:   # repeated, perhaps as "Name:" (the last wins)
@@ -256,6 +269,9 @@ def _search_value(block: bytes, name: str):
     if end >= 0 and not _is_header_line(block, end + 1):
         return _UNSURE
     return block[at + len(prefix):end if end >= 0 else len(block)].decode("utf-8", "replace")
+
+
+_search_block = _framer.search_block if _framer is not None else _py_search_block
 
 
 def _is_header_line(block: bytes, start: int) -> bool:
@@ -848,22 +864,17 @@ class PySessionParser(_Framer):
         return Frame.from_block(block, body, common)
 
 
-try:
-    from gateway import _framer
-except ImportError:   # not compiled where this was installed (no C compiler): still correct
-    _framer = None
-
-
-def bind_framer() -> None:
-    """Give the C framer the classes it builds and the reference functions it defers to."""
-    _framer.bind(ProtocolError, Event, Frame, Frame.from_block, parse_plain_event,
-                 _block_content_length, _Framer.check_block, CONTENT_COMMAND_REPLY,
-                 (DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_BLOCK, DEFAULT_MAX_HEADERS,
-                  DEFAULT_MAX_LINE_LENGTH))
+def framer_bindings() -> tuple:
+    """What the C framer builds with and defers to (``_framer.bind``): the classes, the
+    reference functions for what it is not sure of, the defaults and the search's answers."""
+    return (ProtocolError, Event, Frame, Frame.from_block, parse_plain_event,
+            _block_content_length, _Framer.check_block, CONTENT_COMMAND_REPLY,
+            (DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_BLOCK, DEFAULT_MAX_HEADERS,
+             DEFAULT_MAX_LINE_LENGTH), _MISSING, _UNSURE)
 
 
 if _framer is not None:
-    bind_framer()
+    _framer.bind(*framer_bindings())
     SessionParser = _framer.SessionParser
 else:
     SessionParser = PySessionParser

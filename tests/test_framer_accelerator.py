@@ -103,16 +103,14 @@ def test_every_real_frame_is_built_in_c_not_handed_back():
             return function(*args)
         return wrapper
 
-    bind = (protocol.ProtocolError, Event, Frame, spy(Frame.from_block),
-            spy(protocol.parse_plain_event), spy(protocol._block_content_length),
-            spy(protocol._Framer.check_block), protocol.CONTENT_COMMAND_REPLY,
-            (protocol.DEFAULT_MAX_FRAME_SIZE, protocol.DEFAULT_MAX_HEADER_BLOCK,
-             protocol.DEFAULT_MAX_HEADERS, protocol.DEFAULT_MAX_LINE_LENGTH))
-    protocol._framer.bind(*bind)
+    bindings = list(protocol.framer_bindings())
+    bindings[3:7] = map(spy, bindings[3:7])   # the reference functions
+    assert all(callable(function) for function in bindings[3:7])
+    protocol._framer.bind(*bindings)
     try:
         items = protocol.SessionParser().feed(b"".join(REAL_FRAMES))
     finally:
-        protocol.bind_framer()
+        protocol._framer.bind(*protocol.framer_bindings())
     assert len(items) == len(REAL_FRAMES)
     assert called == []
 
@@ -211,3 +209,45 @@ def test_check_block_and_limits_are_the_reference_ones():
             except ProtocolError as exc:
                 outcomes.append(str(exc))
         assert outcomes[0] == outcomes[1], block
+
+
+HEADER_NAMES = st.sampled_from(["Event-Name", "Unique-ID", "Content-Length", "content-length",
+                                "Application-UUID", "Hangup-Cause", "Caller-Caller-ID-Number",
+                                "X", "x", "A", "\u212aey", "Key", "a b", "a:b", "", "é"])
+
+
+@st.composite
+def header_blocks(draw) -> bytes:
+    """Header blocks with the shapes a lookup must get right: repeats, names in another case,
+    continuation lines, "name:" alone, '\\r', bytes beyond ASCII."""
+    lines = draw(st.lists(st.one_of(
+        st.tuples(HEADER_NAMES, st.sampled_from([": ", ":", ": :", " : "]),
+                  st.sampled_from(["v", "", "%41", "a: b", "\xe9", "1"])).map("".join),
+        st.sampled_from(["continued", "Key: k", "KEY: K", "key:", "x\r", ""])), max_size=7))
+    return "\n".join(lines).encode()
+
+
+@needs_accelerator
+@settings(max_examples=2000, deadline=None)
+@given(header_blocks(), HEADER_NAMES)
+def test_header_search_gives_the_reference_answer(block, name):
+    """The C search (gateway._framer.search_block) against _py_search_block, and both against
+    the header split they stand for wherever they claim to know."""
+    keys = ((name.encode() + b": ", name.lower().encode() + b":")
+            if protocol._PLAIN_NAME.fullmatch(name) else (b"", b""))
+    found = protocol._framer.search_block(block, *keys)
+    assert found is protocol._py_search_block(block, *keys) or \
+        found == protocol._py_search_block(block, *keys)
+    if found is not protocol._UNSURE:
+        split = protocol.Headers(protocol._split_header_block(block)).get(name, protocol._MISSING)
+        assert found is split or found == split
+
+
+@needs_accelerator
+def test_header_search_on_every_header_of_the_real_captures():
+    for frame in REAL_FRAMES:
+        block = frame.split(b"\n\n", 1)[0]
+        for name, _ in protocol._split_header_block(block):
+            keys = (name.encode() + b": ", name.lower().encode() + b":")
+            assert protocol._framer.search_block(block, *keys) == \
+                protocol._py_search_block(block, *keys)
