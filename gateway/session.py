@@ -420,7 +420,7 @@ class Session:
             deadline = None if timeout is None else time.monotonic() + timeout
             while not events:
                 left = None if deadline is None else deadline - time.monotonic()
-                if (left is not None and left <= 0) or not self._event_ready.wait(left):
+                if (left is not None and left <= 0) or not _wait_flag(self._event_ready, left):
                     return None
         item = events[0]
         if item is _CLOSED:   # stays queued: every later consumer is told too
@@ -900,6 +900,22 @@ def close_after_poll(sock) -> None:
     open, and only then does the timer close it.
     """
     get_hub().loop.timer(0).start(sock.close)
+
+
+def _wait_flag(flag: Flag, timeout: float | None) -> bool:
+    """``flag.wait(timeout)``, timed by a plain loop timer: for a timed wait gevent's Event makes
+    a gevent.Timeout, a dozen Python calls, and most handlers wait so for their call's end."""
+    if timeout is None or flag.is_set():
+        return flag.wait(timeout)
+    waiter = Waiter()
+    timer = get_hub().loop.timer(timeout)
+    timer.start(waiter.switch, False)
+    flag.rawlink(waiter.switch)   # called with the flag, which is true
+    try:
+        return bool(waiter.get())
+    finally:
+        timer.close()
+        flag.unlink(waiter.switch)
 
 
 def _resolve(waiters: dict, key: str | None, event: Event) -> None:
