@@ -43,6 +43,8 @@ CONTENT_API_RESPONSE = "api/response"
 CONTENT_DISCONNECT_NOTICE = "text/disconnect-notice"
 CONTENT_LOG = "log/data"
 EVENT_CONTENT_TYPES = ("text/event-plain", "text/event-json", "text/event-xml")
+# The frames that answer a command (each takes one slot of the FIFO of pending commands).
+REPLY_CONTENT_TYPES = (CONTENT_COMMAND_REPLY, CONTENT_API_RESPONSE)
 EVENT_FORMATS = ("plain", "json", "xml")
 # The dialplan's `socket host:port [async] [full]` keywords, and what the connect reply then says
 # (Socket-Mode, Control). Without `async` the socket is static; `sync` is not a keyword.
@@ -322,7 +324,7 @@ class Frame(_LazyHeaders):
     @property
     def is_reply(self) -> bool:
         """A frame that answers a command (and so takes one slot of the FIFO of pending commands)."""
-        return self.content_type in (CONTENT_COMMAND_REPLY, CONTENT_API_RESPONSE)
+        return self.content_type in REPLY_CONTENT_TYPES
 
     @property
     def reply_text(self) -> str:
