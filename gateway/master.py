@@ -973,8 +973,9 @@ class Master:
 
         A read that finds nothing (and leaves no orphan) has the ledgers watched instead: an
         idle master then sleeps for LOOP_TICK, not LEDGER_POLL, and the first record to arrive
-        wakes it and is read at once; from then on the reads are LEDGER_POLL apart again, so a
-        loaded master still reads about ten times a second, never once per call.
+        wakes it and is read at once. A read that finds records is followed by the next one
+        LEDGER_POLL later, so a loaded master reads as often as before (about ten times a
+        second) and never once per call, and no record waits longer than it did.
         """
         now = time.monotonic()
         if not (self.ledger_stirred if self.ledgers_watched else

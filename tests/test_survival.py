@@ -162,15 +162,15 @@ def test_an_idle_master_sleeps_yet_holds_each_calls_socket_at_once(start_gateway
     def held() -> int:
         return gateway.stats()["totals"]["calls_held"]
 
-    for round in range(2):
+    for after_a_replacement in (False, True):
         wait_until(quiet_for_a_second, 15, "an idle master")
-        if round == 1:   # its replacement starts while the master sleeps
+        if after_a_replacement:   # started while the master slept
             [worker] = gateway.worker_pids()
             os.kill(worker, signal.SIGKILL)
             gateway.wait_for_log(r"ready, generation", count=2)
             wait_until(quiet_for_a_second, 15, "an idle master")
         call = gevent.spawn(SimulatedCall(gateway.address, CallOptions(playback_ms=1000),
-                                          random.Random(round)).run)
+                                          random.Random(after_a_replacement)).run)
         wait_until(lambda: held() == 1, 0.5, "the call's socket held")
         assert call.get(timeout=10).outcome == "completed"
         wait_until(lambda: held() == 0, 2, "the call's socket let go")
