@@ -22,9 +22,10 @@ drain shut down listen again, see gateway.drain).
 Beside this channel each worker has its *call ledger*: a socket on which it passes the master a
 copy of every call's socket as it accepts it (SCM_RIGHTS) and says when each call ends. Records
 are 9 bytes (a kind and a call id), the cheapest thing a worker can write per call, and the
-master reads the ledger only every LEDGER_POLL seconds: descriptors in flight on a socket reach
-the reader even after the sender is dead, so the master learns every call a worker held however
-suddenly it dies, without waking up per call.
+master reads the ledgers every LEDGER_POLL seconds while calls come and go, and only watches them
+while none do (the first record after a quiet spell wakes it): descriptors in flight on a socket
+reach the reader even after the sender is dead, so the master learns every call a worker held
+however suddenly it dies, without waking up per call, nor ten times a second when idle.
 """
 
 from __future__ import annotations

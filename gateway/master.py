@@ -153,6 +153,10 @@ class Master:
         self.calls_lost = 0   # calls a worker's death ended: unprotected, or no worker took them
         self.resume_ids = itertools.count(-1, -1)   # ids we give resumed calls (workers' > 0)
         self.ledgers_read_at = 0.0
+        # Registered with the selector once a read of the ledgers found nothing: see _read_ledgers.
+        self.ledgers_watched = False
+        self.watched_ledgers: list[socket.socket] = []
+        self.ledger_stirred = False   # a watched ledger became readable
         self.generation = 1
         self.pending: PendingReload | None = None
         self.drain: drain.Drain | None = None   # drained or draining: see gateway.drain
@@ -238,7 +242,8 @@ class Master:
             self.manage_workers()
         next_spawn = self.backoff.next_spawn_in(time.monotonic())
         emptying = self.drain is not None and not self.drain.refusing
-        self._wait(min(self.tick, ipc.LEDGER_POLL, drain.POLL if emptying else LOOP_TICK,
+        self._wait(min(self.tick, LOOP_TICK if self.ledgers_watched else ipc.LEDGER_POLL,
+                       drain.POLL if emptying else LOOP_TICK,
                        LOOP_TICK if next_spawn is None else next_spawn))
         while self.signal_queue:
             getattr(self, f"handle_{self.HANDLERS[self.signal_queue.popleft()]}")()
@@ -739,6 +744,8 @@ class Master:
         worker_end.close()
         worker_ledger.close()
         record = WorkerRecord(pid, slot, generation, master_end, block, ledger)
+        # Its ledger is not watched yet: the clock times the next read, which watches them all.
+        self._watch_ledgers(False)
         if pid is None:
             self.forking.append(record)
         else:
@@ -824,6 +831,7 @@ class Master:
             elif now - record.started > FORK_DEADLINE:
                 self.forking.remove(record)
                 self._forget_channel(record)
+                self._close_ledger(record)
                 record.block.close()
                 server = self.forkservers.get(record.generation)
                 log.error("the fork server of generation %d did not fork worker %d within "
@@ -960,39 +968,75 @@ class Master:
                              served=server.ready, now=time.monotonic(), detail="fork server")
 
     def _read_ledgers(self) -> None:
-        """Every LEDGER_POLL: learn which calls each worker opened and closed (gateway.ipc),
-        and give orphaned calls to live workers."""
+        """Learn which calls each worker opened and closed (gateway.ipc), and give orphaned
+        calls to live workers: every LEDGER_POLL while calls come and go or orphans wait.
+
+        A read that finds nothing (and leaves no orphan) has the ledgers watched instead: an
+        idle master then sleeps for LOOP_TICK, not LEDGER_POLL, and the first record to arrive
+        wakes it and is read at once. A read that finds records is followed by the next one
+        LEDGER_POLL later, so a loaded master reads as often as before (about ten times a
+        second) and never once per call, and no record waits longer than it did.
+        """
         now = time.monotonic()
-        if now - self.ledgers_read_at < ipc.LEDGER_POLL:
+        if not (self.ledger_stirred if self.ledgers_watched else
+                now - self.ledgers_read_at >= ipc.LEDGER_POLL):
             return
-        self.ledgers_read_at = now
-        for record in self._all_workers():
-            self._read_ledger(record)
+        self.ledgers_read_at, self.ledger_stirred = now, False
+        found = [self._read_ledger(record) for record in self._all_workers()]
         if self.orphans:
             self._place_orphans(now)
+        self._watch_ledgers(not any(found) and not self.orphans)
 
-    def _read_ledger(self, record: WorkerRecord) -> None:
+    def _watch_ledgers(self, watch: bool) -> None:
+        """Have every open ledger wake the master when it becomes readable, or none."""
+        if watch == self.ledgers_watched:
+            return
+        self.ledgers_watched = watch
+        if watch:
+            self.watched_ledgers = [record.ledger for record in self._all_workers()
+                                    if record.ledger.fileno() >= 0]
+            for ledger in self.watched_ledgers:
+                self.selector.register(ledger, selectors.EVENT_READ, self._on_ledger_readable)
+        else:
+            for ledger in self.watched_ledgers:
+                self.selector.unregister(ledger)
+            self.watched_ledgers = []
+
+    def _on_ledger_readable(self, _mask: int) -> None:
+        self.ledger_stirred = True
+
+    def _close_ledger(self, record: WorkerRecord) -> None:
+        """Close a worker's ledger, which the selector must let go of first."""
+        if record.ledger in self.watched_ledgers:
+            self.selector.unregister(record.ledger)
+            self.watched_ledgers.remove(record.ledger)
+        record.ledger.close()
+
+    def _read_ledger(self, record: WorkerRecord) -> bool:
+        """Take in what the worker's ledger holds; True if it held anything."""
+        found = False
         while record.ledger.fileno() >= 0:
             try:
                 data, fds, flags, _ = socket.recv_fds(record.ledger, 65536, 256,
                                                       socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
-                return
+                return found
             except OSError:
                 data, fds, flags = b"", [], 0
             if flags & socket.MSG_CTRUNC:
                 log.error("%s (pid %s) passed more call sockets than we may hold (RLIMIT_NOFILE)"
                           "; those calls will not survive its death", record.name, record.pid)
             if not data:
-                record.ledger.close()
-                return
+                self._close_ledger(record)
+                return found
+            found = True
             try:
                 records = record.ledger_reader.feed(data, fds)
             except ipc.IPCError as exc:
                 log.error("%s (pid %s) wrote a corrupt call ledger (%s); its calls will not "
                           "survive its death", record.name, record.pid, exc)
-                record.ledger.close()
-                return
+                self._close_ledger(record)
+                return found
             held = record.held
             for kind, call_id, fd in records:
                 if kind == ipc.OPENED:
@@ -1001,10 +1045,11 @@ class Master:
                     fd = held.pop(call_id, None)
                     if fd is not None:
                         os.close(fd)
+        return found
 
     def _orphan(self, record: WorkerRecord, origin: str) -> None:
         """The worker is gone: each call it still held waits for a live worker."""
-        record.ledger.close()
+        self._close_ledger(record)
         held, record.held = record.held, {}
         if not held:
             return

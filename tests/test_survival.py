@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+from pathlib import Path
 
 import gevent
 import pytest
@@ -140,3 +141,36 @@ def test_a_call_that_hung_up_while_orphaned_is_closed_not_resumed(start_gateway)
                          r"be resumed")
     totals = gateway.stats()["totals"]
     assert (totals["resumed_gone"], totals["resumed"]) == (1, 0)
+
+
+def test_an_idle_master_sleeps_yet_holds_each_calls_socket_at_once(start_gateway):
+    """An idle master watches the call ledgers instead of reading them ten times a second (it
+    wakes for heartbeats and its tick), yet the first call's socket reaches it at once and is let
+    go once the call ends; so too from a worker started while the master slept."""
+    gateway = start_gateway(app="surviving:handle", workers=1, args=["--spare-workers", "0"])
+
+    def wakeups() -> int:
+        return sum(int(line.split()[1]) for task in Path(f"/proc/{gateway.pid}/task").iterdir()
+                   for line in (task / "status").read_text().splitlines()
+                   if line.startswith("voluntary_ctxt_switches"))
+
+    def quiet_for_a_second() -> bool:
+        before = wakeups()
+        gevent.sleep(1)
+        return wakeups() - before < 5
+
+    def held() -> int:
+        return gateway.stats()["totals"]["calls_held"]
+
+    for after_a_replacement in (False, True):
+        wait_until(quiet_for_a_second, 15, "an idle master")
+        if after_a_replacement:   # started while the master slept
+            [worker] = gateway.worker_pids()
+            os.kill(worker, signal.SIGKILL)
+            gateway.wait_for_log(r"ready, generation", count=2)
+            wait_until(quiet_for_a_second, 15, "an idle master")
+        call = gevent.spawn(SimulatedCall(gateway.address, CallOptions(playback_ms=1000),
+                                          random.Random(after_a_replacement)).run)
+        wait_until(lambda: held() == 1, 0.5, "the call's socket held")
+        assert call.get(timeout=10).outcome == "completed"
+        wait_until(lambda: held() == 0, 2, "the call's socket let go")
