@@ -31,7 +31,8 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from gateway import __version__, drain, ipc, listeners, privileges, stats, systemd, upgrade
+from gateway import (__version__, drain, ipc, listeners, privileges, protocol, stats, systemd,
+                     upgrade)
 from gateway.backoff import RespawnBackoff
 from gateway.httpserver import HTTPServer
 from gateway.scoreboard import FIELDS, INDEX, CounterBlock
@@ -211,6 +212,9 @@ class Master:
         # any worker exists (gateway.privileges says what the master keeps).
         privileges.drop(self.config.user, self.config.group,
                         [self.config.pidfile] if self.config.pidfile else [])
+        if not protocol.ACCELERATED:
+            log.warning("gateway/_framer.c was not compiled where esl-gateway was installed (no "
+                        "C compiler?): sessions parse in pure Python, correct but slower")
         if state is None:
             log.info("master %d (esl-gateway %s) starting %d worker(s) for %s", os.getpid(),
                      __version__, self.config.workers, self.config.app)

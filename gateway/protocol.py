@@ -880,8 +880,8 @@ if _framer is not None:
     SessionParser = _framer.SessionParser
 else:
     SessionParser = PySessionParser
-# What frames a session's bytes, for the logs and /stats.
-FRAMER = "C" if _framer is not None else "pure Python (gateway/_framer.c was not compiled)"
+# Whether sessions frame and search in C (the master warns at start when they cannot).
+ACCELERATED = _framer is not None
 
 
 class CommandParser(_Framer):
