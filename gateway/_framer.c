@@ -24,7 +24,8 @@ module is unusable before that.
 
 /* Bound by gateway.protocol at import (bind()). */
 static PyObject *ProtocolError, *EventType, *FrameType, *frame_from_block, *parse_plain_event,
-    *block_content_length, *python_check_block, *command_reply_type, *missing, *unsure;
+    *block_content_length, *python_check_block, *command_reply_type, *missing, *unsure,
+    *search_keys, *search_keys_of, *decode_value, *array_prefix;
 static Py_ssize_t default_limits[4];   /* max_frame_size, max_header_block, max_headers,
                                           max_line_length */
 static PyObject *s_headers, *s_block, *s_encoded, *s_body, *s_name, *s_content_type,
@@ -742,16 +743,19 @@ static PyTypeObject FramerType = {
 
 static PyObject *bind(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *objects[10];
-    if (!PyArg_ParseTuple(args, "OOOOOOOU(nnnn)OO:bind", &objects[0], &objects[1], &objects[2],
-                          &objects[3], &objects[4], &objects[5], &objects[6], &objects[7],
-                          &default_limits[0], &default_limits[1], &default_limits[2],
-                          &default_limits[3], &objects[8], &objects[9]))
+    PyObject *objects[14];
+    if (!PyArg_ParseTuple(args, "OOOOOOOU(nnnn)OOO!OOU:bind", &objects[0], &objects[1],
+                          &objects[2], &objects[3], &objects[4], &objects[5], &objects[6],
+                          &objects[7], &default_limits[0], &default_limits[1],
+                          &default_limits[2], &default_limits[3], &objects[8], &objects[9],
+                          &PyDict_Type, &objects[10], &objects[11], &objects[12],
+                          &objects[13]))
         return NULL;
     PyObject **slots[] = {&ProtocolError, &EventType, &FrameType, &frame_from_block,
                           &parse_plain_event, &block_content_length, &python_check_block,
-                          &command_reply_type, &missing, &unsure};
-    for (int i = 0; i < 10; i++) {
+                          &command_reply_type, &missing, &unsure, &search_keys,
+                          &search_keys_of, &decode_value, &array_prefix};
+    for (int i = 0; i < 14; i++) {
         Py_INCREF(objects[i]);
         Py_XSETREF(*slots[i], objects[i]);
     }
@@ -787,18 +791,11 @@ static int any_case_line(const char *p, Py_ssize_t n, const char *key, Py_ssize_
     return 0;
 }
 
-/* gateway.protocol._py_search_block, in C: the same answers, searched faster. */
-static PyObject *search_block(PyObject *Py_UNUSED(module), PyObject *const *args,
-                              Py_ssize_t nargs)
+/* gateway.protocol._py_search_block's answer for p[0:n]: a new reference to the value (str),
+   to ``missing`` or to ``unsure``. */
+static PyObject *search(const char *p, Py_ssize_t n, const char *prefix, Py_ssize_t size,
+                        const char *lowered, Py_ssize_t lowered_size)
 {
-    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) ||
-        !PyBytes_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "search_block(block, prefix, lowered): three bytes");
-        return NULL;
-    }
-    const char *p = PyBytes_AS_STRING(args[0]), *prefix = PyBytes_AS_STRING(args[1]),
-               *lowered = PyBytes_AS_STRING(args[2]);
-    Py_ssize_t n = PyBytes_GET_SIZE(args[0]), size = PyBytes_GET_SIZE(args[1]);
     if (size == 0 || memchr(p, '\r', n) != NULL)
         return Py_NewRef(unsure);
     Py_ssize_t at = -1;
@@ -812,7 +809,7 @@ static PyObject *search_block(PyObject *Py_UNUSED(module), PyObject *const *args
             }
     if (at < 0) {
         int absent = all_ascii((const unsigned char *)p, n) &&
-                     !any_case_line(p, n, lowered, PyBytes_GET_SIZE(args[2]));
+                     !any_case_line(p, n, lowered, lowered_size);
         return Py_NewRef(absent ? missing : unsure);
     }
     /* Repeated, perhaps as "Name:" (the last one wins)? */
@@ -827,13 +824,74 @@ static PyObject *search_block(PyObject *Py_UNUSED(module), PyObject *const *args
     return decoded(p + at + size, end - at - size);
 }
 
+/* gateway.protocol._py_search_block, in C: the same answers, searched faster. */
+static PyObject *search_block(PyObject *Py_UNUSED(module), PyObject *const *args,
+                              Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) ||
+        !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "search_block(block, prefix, lowered): three bytes");
+        return NULL;
+    }
+    return search(PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]),
+                  PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]),
+                  PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2]));
+}
+
+/* gateway.protocol._py_lookup_block, in C: a header's value as handed out (url-decoded, arrays
+   split: the reference's _decode_value, called only for values that need it), ``default`` when
+   absent, ``unsure`` when only the header split can tell. One call per lookup from Python,
+   where the search, its cached keys and the decoding took four. */
+static PyObject *lookup_block(PyObject *Py_UNUSED(module), PyObject *const *args,
+                              Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_Check(args[0]) || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "lookup_block(block, name, encoded, default)");
+        return NULL;
+    }
+    PyObject *block = args[0], *name = args[1], *encoded = args[2];
+    PyObject *keys = PyDict_GetItemWithError(search_keys, name);
+    if (keys != NULL)
+        Py_INCREF(keys);
+    else if (PyErr_Occurred() || (keys = PyObject_CallOneArg(search_keys_of, name)) == NULL)
+        return NULL;
+    if (!PyTuple_CheckExact(keys) || PyTuple_GET_SIZE(keys) != 2 ||
+        !PyBytes_Check(PyTuple_GET_ITEM(keys, 0)) || !PyBytes_Check(PyTuple_GET_ITEM(keys, 1))) {
+        Py_DECREF(keys);
+        PyErr_SetString(PyExc_TypeError, "search keys must be a (prefix, lowered) pair");
+        return NULL;
+    }
+    PyObject *prefix = PyTuple_GET_ITEM(keys, 0), *lowered = PyTuple_GET_ITEM(keys, 1);
+    PyObject *value = search(PyBytes_AS_STRING(block), PyBytes_GET_SIZE(block),
+                             PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix),
+                             PyBytes_AS_STRING(lowered), PyBytes_GET_SIZE(lowered));
+    Py_DECREF(keys);
+    if (value == NULL || value == unsure)
+        return value;
+    if (value == missing) {
+        Py_DECREF(value);
+        return Py_NewRef(args[3]);
+    }
+    Py_ssize_t length = PyUnicode_GET_LENGTH(value);
+    int escaped = PyObject_IsTrue(encoded) &&
+                  PyUnicode_FindChar(value, '%', 0, length, 1) >= 0;
+    int array = PyUnicode_Tailmatch(value, array_prefix, 0, length, -1) == 1;
+    if (!escaped && !array)
+        return value;
+    PyObject *result = PyObject_CallFunctionObjArgs(decode_value, value, encoded, NULL);
+    Py_DECREF(value);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"search_block", (PyCFunction)(void (*)(void))search_block, METH_FASTCALL,
      "search_block(block, prefix, lowered): gateway.protocol._py_search_block, in C."},
+    {"lookup_block", (PyCFunction)(void (*)(void))lookup_block, METH_FASTCALL,
+     "lookup_block(block, name, encoded, default): gateway.protocol._py_lookup_block, in C."},
     {"bind", bind, METH_VARARGS,
      "bind(ProtocolError, Event, Frame, Frame.from_block, parse_plain_event, "
      "block_content_length, check_block, 'command/reply', default limits, _MISSING, "
-     "_UNSURE): the reference "
+     "_UNSURE, the search keys' cache and its filler, _decode_value, 'ARRAY::'): the reference "
      "classes and functions this framer builds with and defers to."},
     {NULL}};
 

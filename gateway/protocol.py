@@ -201,6 +201,14 @@ class _BlockHeaders(Headers):
                 return value
         return Headers._raw_value(self, name)
 
+    def get(self, name: str, default=None):
+        block = self._block   # the session reads the channel data's few headers so
+        if block is not None and name.__class__ is str:
+            value = _lookup_block(block, name, self._encoded, default)
+            if value is not _UNSURE:
+                return value
+        return Headers.get(self, name, default)
+
 
 class _LazyHeaders:
     """Keeps a header block as bytes until a header is asked for (most frames and events of a
@@ -222,9 +230,9 @@ class _LazyHeaders:
         """``headers.get(name, default)``, searching the block itself while no map was asked for
         (the session looks up a few headers of some events)."""
         if self._headers is None and name.__class__ is str:
-            value = _search_value(self._block, name)
+            value = _lookup_block(self._block, name, self._encoded, default)
             if value is not _UNSURE:
-                return default if value is _MISSING else _decode_value(value, self._encoded)
+                return value
         return self.headers.get(name, default)
 
 
@@ -245,13 +253,26 @@ def _search_value(block: bytes, name: str):
     may go on over the next line, or (in a block that is not ASCII) a name in another case.
     The search itself is the C framer's where it was built (``_search_block``).
     """
-    keys = _search_keys.get(name)
-    if keys is None:
-        keys = ((name.encode() + b": ", name.lower().encode() + b":")
-                if _PLAIN_NAME.fullmatch(name) else (b"", b""))
-        if len(_search_keys) < _SEARCH_KEYS_KEPT:
-            _search_keys[name] = keys
-    return _search_block(block, *keys)
+    return _search_block(block, *(_search_keys.get(name) or _search_keys_of(name)))
+
+
+def _search_keys_of(name: str) -> tuple[bytes, bytes]:
+    """(b"Name: ", b"name:") for the search, (b"", b"") where it cannot find ``name`` exactly;
+    kept for the next lookup while the cache has room."""
+    keys = ((name.encode() + b": ", name.lower().encode() + b":")
+            if _PLAIN_NAME.fullmatch(name) else (b"", b""))
+    if len(_search_keys) < _SEARCH_KEYS_KEPT:
+        _search_keys[name] = keys
+    return keys
+
+
+def _py_lookup_block(block: bytes, name: str, encoded: bool, default):
+    """Header ``name`` of an unsplit block as ``Headers(...).get(name, default)`` hands it out,
+    or _UNSURE when only the split can tell; in C where it was built (``_lookup_block``)."""
+    value = _search_value(block, name)
+    if value is _MISSING:
+        return default
+    return value if value is _UNSURE else _decode_value(value, encoded)
 
 
 def _py_search_block(block: bytes, prefix: bytes, lowered: bytes):
@@ -274,6 +295,7 @@ def _py_search_block(block: bytes, prefix: bytes, lowered: bytes):
 
 
 _search_block = _framer.search_block if _framer is not None else _py_search_block
+_lookup_block = _framer.lookup_block if _framer is not None else _py_lookup_block
 
 
 def _is_header_line(block: bytes, start: int) -> bool:
@@ -868,11 +890,13 @@ class PySessionParser(_Framer):
 
 def framer_bindings() -> tuple:
     """What the C framer builds with and defers to (``_framer.bind``): the classes, the
-    reference functions for what it is not sure of, the defaults and the search's answers."""
+    reference functions for what it is not sure of, the defaults, the search's answers, its
+    keys' cache and the decoding of a value that needs it."""
     return (ProtocolError, Event, Frame, Frame.from_block, parse_plain_event,
             _block_content_length, _Framer.check_block, CONTENT_COMMAND_REPLY,
             (DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_BLOCK, DEFAULT_MAX_HEADERS,
-             DEFAULT_MAX_LINE_LENGTH), _MISSING, _UNSURE)
+             DEFAULT_MAX_LINE_LENGTH), _MISSING, _UNSURE, _search_keys, _search_keys_of,
+            _decode_value, ARRAY_PREFIX)
 
 
 if _framer is not None:

@@ -222,25 +222,32 @@ def header_blocks(draw) -> bytes:
     continuation lines, "name:" alone, '\\r', bytes beyond ASCII."""
     lines = draw(st.lists(st.one_of(
         st.tuples(HEADER_NAMES, st.sampled_from([": ", ":", ": :", " : "]),
-                  st.sampled_from(["v", "", "%41", "a: b", "\xe9", "1"])).map("".join),
+                  st.sampled_from(["v", "", "%41", "a: b", "\xe9", "1", "ARRAY::a|:b",
+                                   "%zz", "%E2%82"])).map("".join),
         st.sampled_from(["continued", "Key: k", "KEY: K", "key:", "x\r", ""])), max_size=7))
     return "\n".join(lines).encode()
 
 
 @needs_accelerator
 @settings(max_examples=2000, deadline=None)
-@given(header_blocks(), HEADER_NAMES)
-def test_header_search_gives_the_reference_answer(block, name):
-    """The C search (gateway._framer.search_block) against _py_search_block, and both against
-    the header split they stand for wherever they claim to know."""
-    keys = ((name.encode() + b": ", name.lower().encode() + b":")
-            if protocol._PLAIN_NAME.fullmatch(name) else (b"", b""))
+@given(header_blocks(), HEADER_NAMES, st.booleans())
+def test_header_search_gives_the_reference_answer(block, name, encoded):
+    """The C search and lookup (gateway._framer.search_block, lookup_block) against
+    _py_search_block and _py_lookup_block, and both against the header split they stand for
+    wherever they claim to know."""
+    keys = protocol._search_keys_of(name)
     found = protocol._framer.search_block(block, *keys)
     assert found is protocol._py_search_block(block, *keys) or \
         found == protocol._py_search_block(block, *keys)
     if found is not protocol._UNSURE:
-        split = protocol.Headers(protocol._split_header_block(block)).get(name, protocol._MISSING)
+        split = protocol.Headers(protocol._split_header_block(block)).raw(name, protocol._MISSING)
         assert found is split or found == split
+    default = object()
+    value = protocol._framer.lookup_block(block, name, encoded, default)
+    assert value == protocol._py_lookup_block(block, name, encoded, default)
+    if value is not protocol._UNSURE:
+        headers = protocol.Headers(protocol._split_header_block(block), encoded=encoded)
+        assert value == headers.get(name, default)
 
 
 @needs_accelerator
