@@ -358,20 +358,21 @@ class Session:
         if not reply.reply_text.startswith("+OK"):
             self._shutdown("connect refused")
             raise CommandError("connect was refused", command="connect", reply=reply.reply_text)
-        uuid = reply.headers.get("Unique-ID")
+        channel = reply.headers
+        uuid = channel.get("Unique-ID")
         if uuid is not None and (uuid.__class__ is not str or not _USABLE_UUID.fullmatch(uuid)):
             gevent.sleep(CONNECT_SETTLE_SECONDS)   # closing sooner could park the call for ever
             self._protocol_error(f"the connect reply's Unique-ID is unusable: {loggable(uuid)}")
             raise SessionClosed(self.close_reason, command="connect")
         self._connected_at = time.monotonic()
-        self.channel = reply.headers
+        self.channel = channel
         self.uuid = uuid
-        self.socket_mode = reply.headers.get("Socket-Mode")
-        self.control = reply.headers.get("Control")
-        if self.resumed and (reply.headers.get("Answer-State") == "hangup" or
-                             reply.headers.get("Channel-State") in DOWN_STATES):
+        self.socket_mode = channel.get("Socket-Mode")
+        self.control = channel.get("Control")
+        if self.resumed and (channel.get("Answer-State") == "hangup" or
+                             channel.get("Channel-State") in DOWN_STATES):
             self.hungup = True   # it went down while no worker served it
-            self.hangup_cause = reply.headers.get("Hangup-Cause")
+            self.hangup_cause = channel.get("Hangup-Cause")
 
     @property
     def closed(self) -> bool:
