@@ -838,6 +838,34 @@ static PyObject *search_block(PyObject *Py_UNUSED(module), PyObject *const *args
                   PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2]));
 }
 
+static int hex_value(unsigned char c)
+{
+    return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+}
+
+/* What urllib.parse.unquote(value, errors="replace") makes of an ASCII ``value``: each "%XX"
+   the byte it stands for ("%" not followed by two hex digits stays), the bytes then decoded as
+   UTF-8, an invalid sequence as U+FFFD. (The channel data's values: a caller ID "%2B...".) */
+static PyObject *percent_decoded(PyObject *value)
+{
+    const unsigned char *p = PyUnicode_1BYTE_DATA(value);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(value), size = 0;
+    char *bytes = PyMem_Malloc(n > 0 ? n : 1);
+    if (bytes == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] == '%' && i + 2 < n && is_hex(p[i + 1]) && is_hex(p[i + 2])) {
+            bytes[size++] = (char)(hex_value(p[i + 1]) << 4 | hex_value(p[i + 2]));
+            i += 2;
+        }
+        else
+            bytes[size++] = (char)p[i];
+    }
+    PyObject *text = PyUnicode_DecodeUTF8(bytes, size, "replace");
+    PyMem_Free(bytes);
+    return text;
+}
+
 /* gateway.protocol._py_lookup_block, in C: a header's value as handed out (url-decoded, arrays
    split: the reference's _decode_value, called only for values that need it), ``default`` when
    absent, ``unsure`` when only the header split can tell. One call per lookup from Python,
@@ -873,10 +901,20 @@ static PyObject *lookup_block(PyObject *Py_UNUSED(module), PyObject *const *args
         return Py_NewRef(args[3]);
     }
     Py_ssize_t length = PyUnicode_GET_LENGTH(value);
-    int escaped = PyObject_IsTrue(encoded) &&
-                  PyUnicode_FindChar(value, '%', 0, length, 1) >= 0;
-    int array = PyUnicode_Tailmatch(value, array_prefix, 0, length, -1) == 1;
-    if (!escaped && !array)
+    if (PyObject_IsTrue(encoded) && PyUnicode_FindChar(value, '%', 0, length, 1) >= 0) {
+        PyObject *unescaped = PyUnicode_IS_ASCII(value) ? percent_decoded(value) : NULL;
+        if (unescaped == NULL && PyErr_Occurred()) {
+            Py_DECREF(value);
+            return NULL;
+        }
+        if (unescaped != NULL && PyUnicode_Tailmatch(unescaped, array_prefix, 0,
+                                                     PY_SSIZE_T_MAX, -1) != 1) {
+            Py_DECREF(value);
+            return unescaped;
+        }
+        Py_XDECREF(unescaped);   /* an array, or beyond ASCII: the reference decodes it */
+    }
+    else if (PyUnicode_Tailmatch(value, array_prefix, 0, length, -1) != 1)
         return value;
     PyObject *result = PyObject_CallFunctionObjArgs(decode_value, value, encoded, NULL);
     Py_DECREF(value);

@@ -223,7 +223,8 @@ def header_blocks(draw) -> bytes:
     lines = draw(st.lists(st.one_of(
         st.tuples(HEADER_NAMES, st.sampled_from([": ", ":", ": :", " : "]),
                   st.sampled_from(["v", "", "%41", "a: b", "\xe9", "1", "ARRAY::a|:b",
-                                   "%zz", "%E2%82"])).map("".join),
+                                   "%zz", "%E2%82", "%2BOK%0A", "ARRAY%3A%3Aa%7C%3Ab",
+                                   "%C3%A9%", "%%41%4", "%e2%82%ac"])).map("".join),
         st.sampled_from(["continued", "Key: k", "KEY: K", "key:", "x\r", ""])), max_size=7))
     return "\n".join(lines).encode()
 
