@@ -291,15 +291,20 @@ class GeventWorker:
         self._silent.add(call_id)
         self._update_room()
 
-    def _forget_handshake(self, call_id: int) -> None:
+    def _forget_handshake(self, call_id: int) -> bool:
+        """Stop counting the call as a handshake; True if it was counted silent."""
         timer = self._young.pop(call_id, None)
         if timer is not None:
             timer.close()
-        self._silent.discard(call_id)
+            return False
+        if call_id in self._silent:
+            self._silent.remove(call_id)
+            return True
+        return False
 
     def _handshake_over(self, call_id: int) -> None:
-        self._forget_handshake(call_id)
-        self._update_room()
+        if self._forget_handshake(call_id):   # it takes its call slot again
+            self._update_room()
 
     def _serve_call(self, conn, call_id: int) -> None:
         session = Session(conn, self.settings, self.counters)
