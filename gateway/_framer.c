@@ -44,7 +44,11 @@ enum { SHAPE_OTHER, SHAPE_TYPED, SHAPE_REPLY };
 typedef struct {
     PyObject_HEAD
     Py_ssize_t max_frame_size, max_header_block, max_headers, max_line_length, check_above;
-    char *buf;                /* the stream's unframed bytes are buf[start:end] */
+    /* The stream's unframed bytes are data[start:end]: during a feed that found nothing
+       buffered, the caller's own bytes (no copy); between feeds, buf, which holds only what
+       the last feed left unframed (a held call's framer holds nothing between its frames). */
+    const char *data;
+    char *buf;
     Py_ssize_t start, end, capacity;
     Py_ssize_t scan_from;     /* from start: a block end cannot begin before it */
     PyObject *pending;        /* a header block waiting for its body, or NULL */
@@ -409,23 +413,12 @@ static PyObject *typed_item(Framer *self, PyObject *block, PyObject *body, Py_ss
 /* The framer                                                                               */
 /* ---------------------------------------------------------------------------------------- */
 
-static int ensure_room(Framer *self, Py_ssize_t more)
+/* Make buf hold ``size`` bytes at least. */
+static int reserve(Framer *self, Py_ssize_t size)
 {
-    if (self->start > 0) {   /* what was framed goes: the rest moves to the front */
-        memmove(self->buf, self->buf + self->start, self->end - self->start);
-        self->end -= self->start;
-        self->start = 0;
-    }
-    if (self->end + more <= self->capacity)
+    if (size <= self->capacity)
         return 0;
-    Py_ssize_t capacity = self->capacity ? self->capacity : 4096;
-    while (capacity < self->end + more) {
-        if (capacity > PY_SSIZE_T_MAX / 2) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        capacity *= 2;
-    }
+    Py_ssize_t capacity = self->capacity > size / 2 ? 2 * self->capacity : size;
     char *buf = PyMem_Realloc(self->buf, capacity);
     if (buf == NULL) {
         PyErr_NoMemory();
@@ -434,6 +427,28 @@ static int ensure_room(Framer *self, Py_ssize_t more)
     self->buf = buf;
     self->capacity = capacity;
     return 0;
+}
+
+/* After a feed: keep what was not framed in buf (moved to its front), and no more memory than
+   that takes; nothing at all when everything was framed. */
+static int keep_rest(Framer *self)
+{
+    Py_ssize_t rest = self->end - self->start;
+    if (rest == 0) {
+        PyMem_Free(self->buf);
+        self->buf = NULL;
+        self->capacity = 0;
+    }
+    else if (self->data == self->buf)
+        memmove(self->buf, self->buf + self->start, rest);
+    else if (reserve(self, rest) == 0)
+        memcpy(self->buf, self->data + self->start, rest);
+    else
+        rest = 0;   /* no memory: the error is set, and the call ends */
+    self->data = self->buf;
+    self->start = 0;
+    self->end = rest;
+    return PyErr_Occurred() ? -1 : 0;
 }
 
 /* The end of the next header block from scan_from: [*start, *stop) is "\n\n", or "\n\r*\n"
@@ -505,7 +520,7 @@ static Py_ssize_t outer_length(Framer *self, const char *digits, Py_ssize_t size
    block pending for its body. 1: go on; 0: no whole block buffered; -1: error. */
 static int take_block(Framer *self, PyObject *out)
 {
-    char *b = self->buf + self->start;
+    const char *b = self->data + self->start;
     Py_ssize_t n = self->end - self->start;
     if (n > 0 && (b[0] == '\n' || b[0] == '\r')) {   /* blank lines between blocks: noise */
         Py_ssize_t skip = 0;
@@ -584,7 +599,7 @@ static int take_body(Framer *self, PyObject *out)
 {
     if (self->end - self->start < self->body_len)
         return 0;
-    PyObject *body = PyBytes_FromStringAndSize(self->buf + self->start, self->body_len);
+    PyObject *body = PyBytes_FromStringAndSize(self->data + self->start, self->body_len);
     if (body == NULL)
         return -1;
     self->start += self->body_len;
@@ -607,24 +622,33 @@ static PyObject *Framer_feed(Framer *self, PyObject *data)
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    int room = ensure_room(self, view.len);
-    if (room == 0)
-        memcpy(self->buf + self->end, view.buf, view.len), self->end += view.len;
-    PyBuffer_Release(&view);
-    if (room < 0)
-        return NULL;
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
-    for (;;) {
-        int step = self->pending == NULL ? take_block(self, out) : take_body(self, out);
-        if (step < 0) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        if (step == 0)
-            return out;
+    if (self->start == self->end) {   /* nothing buffered: frame the caller's bytes in place */
+        self->data = view.buf;
+        self->start = 0;
+        self->end = view.len;
     }
+    else if (reserve(self, self->end + view.len) == 0) {
+        memcpy(self->buf + self->end, view.buf, view.len);
+        self->data = self->buf;
+        self->end += view.len;
+    }
+    else {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    int step = out == NULL ? -1 : 1;
+    while (step > 0)
+        step = self->pending == NULL ? take_block(self, out) : take_body(self, out);
+    /* Before the caller's bytes are let go, whatever the outcome: data must not point there. */
+    if (keep_rest(self) < 0)
+        step = -1;
+    PyBuffer_Release(&view);
+    if (step < 0) {
+        Py_XDECREF(out);
+        return NULL;
+    }
+    return out;
 }
 
 static PyObject *Framer_check_block(Framer *self, PyObject *args, PyObject *kwargs)
@@ -642,7 +666,7 @@ static PyObject *Framer_check_block(Framer *self, PyObject *args, PyObject *kwar
 
 static PyObject *Framer_buffered(Framer *self, PyObject *Py_UNUSED(ignored))
 {
-    const char *b = self->buf + self->start;
+    const char *b = self->data + self->start;
     Py_ssize_t n = self->end - self->start;
     if (self->pending == NULL)
         return PyBytes_FromStringAndSize(b, n);
@@ -653,7 +677,8 @@ static PyObject *Framer_buffered(Framer *self, PyObject *Py_UNUSED(ignored))
     char *to = PyBytes_AS_STRING(result);
     memcpy(to, PyBytes_AS_STRING(self->pending), size);
     memcpy(to + size, "\n\n", 2);
-    memcpy(to + size + 2, b, n);
+    if (n > 0)
+        memcpy(to + size + 2, b, n);
     return result;
 }
 
@@ -662,7 +687,7 @@ static PyObject *Framer_mid_frame(Framer *self, void *Py_UNUSED(closure))
     if (self->pending != NULL)
         Py_RETURN_TRUE;
     for (Py_ssize_t i = self->start; i < self->end; i++)
-        if (self->buf[i] != '\r' && self->buf[i] != '\n')
+        if (self->data[i] != '\r' && self->data[i] != '\n')
             Py_RETURN_TRUE;
     Py_RETURN_FALSE;
 }
@@ -699,7 +724,14 @@ static void Framer_dealloc(Framer *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static PyObject *Framer_sizeof(Framer *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromSsize_t(Py_TYPE(self)->tp_basicsize + self->capacity);
+}
+
 static PyMethodDef Framer_methods[] = {
+    {"__sizeof__", (PyCFunction)Framer_sizeof, METH_NOARGS,
+     "The framer's size in memory, its buffer included."},
     {"feed", (PyCFunction)Framer_feed, METH_O,
      "Feed bytes; returns the frames (and plain events, as Event) they complete."},
     {"check_block", (PyCFunction)(void (*)(void))Framer_check_block,
