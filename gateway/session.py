@@ -51,6 +51,11 @@ CONNECT_SETTLE_SECONDS = 0.025
 # bytes unread would answer them with a reset. This bounds that wait.
 CLOSE_DRAIN_SECONDS = 5.0
 RECV_SIZE = 65536
+# Every session of the worker reads into this one buffer: the framer takes what it needs of a
+# read before anything else runs (the rest of a frame it copies), so no read allocates 64 KiB
+# and gives most of it back. One thread runs the hub, so no two reads overlap.
+_received = bytearray(RECV_SIZE)
+_received_view = memoryview(_received)
 _CLOSED = object()   # queue sentinel: no event will ever follow
 # Event-UUID and Job-UUID only need to be unique, not secret: a PRNG seeded once per process
 # (after fork) avoids a getrandom() syscall per execute.
@@ -701,13 +706,14 @@ class Session:
         socket is non-blocking, and dispatching only resolves waiters and queues events.
         """
         try:
-            data = self._sock.recv(RECV_SIZE)
+            size = self._sock.recv_into(_received)
         except BlockingIOError:
             return
         except OSError as exc:
             self._peer_gone(f"connection error: {exc}")
             return
-        if not data:
+        data = _received_view[:size]
+        if not size:
             cut = " in the middle of a frame" if self._parser.mid_frame else ""
             self._peer_gone(f"FreeSWITCH closed the connection{cut}")
         elif self._resync is not None and not self._closed.is_set():
