@@ -177,17 +177,9 @@ def mutated_real_streams(draw) -> tuple[bytes, list[int]]:
 
 
 @needs_accelerator
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated_real_streams(), LIMITS)
-def test_mutated_real_streams_give_the_same_items_and_errors(stream, limits):
-    data, cuts = stream
-    assert_same(list(chunks(data, cuts)), limits)
-
-
-@needs_accelerator
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(streams(), LIMITS)
-def test_hostile_streams_give_the_same_items_and_errors(stream, limits):
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_real_streams() | streams(), LIMITS)
+def test_mutated_real_and_hostile_streams_give_the_same_items_and_errors(stream, limits):
     data, cuts = stream
     assert_same(list(chunks(data, cuts)), limits)
 
