@@ -367,7 +367,9 @@ class Session:
         uuid = channel.get("Unique-ID")
         if uuid is not None and (uuid.__class__ is not str or not _USABLE_UUID.fullmatch(uuid)):
             gevent.sleep(CONNECT_SETTLE_SECONDS)   # closing sooner could park the call for ever
-            self._protocol_error(f"the connect reply's Unique-ID is unusable: {loggable(uuid)}")
+            if not self._closed.is_set():   # else what closed it meanwhile was logged: once
+                self._protocol_error(
+                    f"the connect reply's Unique-ID is unusable: {loggable(uuid)}")
             raise SessionClosed(self.close_reason, command="connect")
         self._connected_at = time.monotonic()
         self.channel = channel

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 import gevent
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import protocol
@@ -135,6 +135,12 @@ def test_parsers_raise_only_protocol_errors(stream, limits, parser_class):
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams(), SESSION_LIMITS, st.booleans())
+# Found by this test: a reply nobody waits for, read during the connect settle time of a
+# connect reply whose Unique-ID is unusable, logged a second protocol error for the call.
+@example(stream=(b"Event-Name: _undef_\nUnique-ID: %20\nContent-Type: command/reply\n"
+                 b"Reply-Text: %2BOK%0A\nSocket-Mode: async\nControl: full\n\n"
+                 b"Content-Type: api/response\nContent-Length: 0\n\n", []),
+         limits={}, instead_of_reply=True)
 def test_a_session_fed_anything_ends_only_in_a_clean_close(stream, limits, instead_of_reply):
     """A session reading fuzzed bytes from its FreeSWITCH, in place of the connect reply or
     after it: no internal error, ever; start() succeeds or raises an ESLError; a call it
