@@ -911,18 +911,18 @@ def close_after_poll(sock) -> None:
 
 
 def _wait_flag(flag: Flag, timeout: float | None) -> bool:
-    """``flag.wait(timeout)``, timed by a plain loop timer: for a timed wait gevent's Event makes
-    a gevent.Timeout, a dozen Python calls, and most handlers wait so for their call's end."""
+    """``flag.wait(timeout)``, timed as a reply is (_Reply.get): for a timed wait gevent's Event
+    makes a gevent.Timeout, a dozen Python calls, and most handlers wait so for their call's
+    end (here one is made only when the wait does time out)."""
     if timeout is None or flag.is_set():
         return flag.wait(timeout)
-    waiter = Waiter()
-    timer = get_hub().loop.timer(timeout)
-    timer.start(waiter.switch, False)
-    flag.rawlink(waiter.switch)   # called with the flag, which is true
+    waiter = _Reply()
+    flag.rawlink(waiter.switch)   # called with the flag
     try:
-        return bool(waiter.get())
+        return waiter.get(timeout) is flag
+    except gevent.Timeout:
+        return False
     finally:
-        timer.close()
         flag.unlink(waiter.switch)
 
 
