@@ -13,6 +13,8 @@ import sys
 import traceback
 from typing import Callable
 
+from workers.base import describe_wait_status
+
 
 class AppLoadError(Exception):
     """The handler spec is malformed or names something that is not callable."""
@@ -58,4 +60,7 @@ def check_app(spec: str) -> bool:
             sys.stderr.flush()
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    if os.WIFSIGNALED(status):
+        print(f"esl-gateway: the process importing {spec} {describe_wait_status(status)}",
+              file=sys.stderr)
+    return status == 0

@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         # A first start, or an upgrade's check of the new image: the app must load.
         for app in filter(None, (cfg.app, cfg.resume)):
             if not check_app(app):
-                log.error("the app %s cannot be loaded (traceback above); not starting", app)
+                log.error("the app %s cannot be loaded (why is above); not starting", app)
                 return EXIT_BOOT_ERROR
         if check_only:
             log.info("upgrade check passed: the new image starts and loads %s",

@@ -39,7 +39,6 @@ log = logging.getLogger("esl_gateway.master")
 
 DRAIN_SIGNAL = signal.SIGRTMIN + 1     # `esl-gateway drain`
 UNDRAIN_SIGNAL = signal.SIGRTMIN + 2   # `esl-gateway undrain`
-SIGNALS = (DRAIN_SIGNAL, UNDRAIN_SIGNAL)
 POLL = 0.01   # how often the master looks at the queue while it empties
 SLOW_WARNING = 5.0   # seconds between two warnings that the queue is still not empty
 

@@ -36,7 +36,8 @@ from gateway import (__version__, drain, ipc, listeners, privileges, protocol, s
 from gateway.backoff import RespawnBackoff
 from gateway.httpserver import HTTPServer
 from gateway.scoreboard import FIELDS, INDEX, CounterBlock
-from workers.base import EXIT_CRASH, WorkerSpec, child_main, set_title
+from workers.base import (EXIT_CRASH, WorkerSpec, child_main, describe_wait_status, set_title,
+                          signal_name)
 
 log = logging.getLogger("esl_gateway.master")
 
@@ -140,6 +141,13 @@ class Master:
     # Each signal's handle_<name>; the drain's two have no name of their own (real-time ones).
     HANDLERS = {**{getattr(signal, f"SIG{name}"): name.lower() for name in SIGNALS},
                 drain.DRAIN_SIGNAL: "drain", drain.UNDRAIN_SIGNAL: "undrain"}
+    # Deploy, scaling and drain signals are ours alone, yet `systemctl kill -s USR2 esl-gateway`
+    # sends one to every process of the unit, and again to each process that appears while
+    # systemd goes round (the upgrade's check, a new fork server): our children ignore them,
+    # from fork() on and across the check's exec. TERM, INT and QUIT keep their default action
+    # until a worker installs its own handlers.
+    IGNORED_BY_CHILDREN = frozenset(HANDLERS) - {signal.SIGCHLD, signal.SIGINT, signal.SIGQUIT,
+                                                 signal.SIGTERM}
 
     def __init__(self, config, worker_class: str, argv: list[str], load_config):
         self.config = config              # the serving generation's; a pending one has its own
@@ -557,7 +565,7 @@ class Master:
             return
         self.upgrade_signalled_at = time.monotonic()
         state_fd = upgrade.write_state(self.export_state())
-        pid = upgrade.start_check(self.argv, state_fd)
+        pid = upgrade.start_check(self.argv, state_fd, self.IGNORED_BY_CHILDREN)
         self.upgrade_check = (pid, state_fd)
         log.info("upgrade: checking that the new image starts (pid %d)", pid)
 
@@ -565,9 +573,10 @@ class Master:
         _, state_fd = self.upgrade_check
         self.upgrade_check = None
         os.close(state_fd)
-        if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-            self._deploy_failed("upgrade", "the new image failed its start-up check (its output "
-                                "is above); this master keeps running the old code")
+        if status != 0:
+            self._deploy_failed("upgrade", f"the new image failed its start-up check (it "
+                                f"{describe_wait_status(status)}; its output is above); this "
+                                "master keeps running the old code")
             return
         if self.stopping or self.pending is not None:
             log.warning("upgrade not carried out: the master is stopping or a reload started")
@@ -851,10 +860,8 @@ class Master:
         connection up after its own worker closed it)."""
         try:
             signal.set_wakeup_fd(-1)
-            # The drain's signals are for the master alone; their default action would end a
-            # child (a worker, a fork server) that one sent to the whole unit reached.
             for signum in self.HANDLERS:
-                signal.signal(signum, signal.SIG_IGN if signum in drain.SIGNALS else
+                signal.signal(signum, signal.SIG_IGN if signum in self.IGNORED_BY_CHILDREN else
                               signal.SIG_DFL)
             self.selector.close()
             if self.stats_server is not None:
@@ -966,8 +973,8 @@ class Master:
             server.channel.close()
         if server.retired:
             return
-        log.error("the fork server of generation %d (pid %d) ended (wait status %d); "
-                  "starting another", server.generation, server.pid, status)
+        log.error("the fork server of generation %d (pid %d) %s; starting another",
+                  server.generation, server.pid, describe_wait_status(status))
         self.backoff.vacated((server.generation, FORK_SERVER), app_fault=True,
                              served=server.ready, now=time.monotonic(), detail="fork server")
 
@@ -1181,7 +1188,7 @@ class Master:
         went and from its wait status; never from its exit code alone, which the app chooses."""
         if os.WIFSIGNALED(status):
             signum = os.WTERMSIG(status)
-            name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
+            name = signal_name(signum)
             if record.aborted_at is not None:
                 return "killed_as_hung", f"was killed as hung ({name})"
             if signum == signal.SIGKILL:

@@ -53,21 +53,26 @@ def image_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "gateway", *argv]
 
 
-def start_check(argv: list[str], state_fd: int) -> int:
-    """Fork a child that runs the new image in check mode; returns its pid."""
+def start_check(argv: list[str], state_fd: int, ignored: frozenset[int]) -> int:
+    """Fork a child that runs the new image in check mode; returns its pid. The ``ignored``
+    signals are ignored in it from fork() on, and stay so across exec: one sent to every
+    process of the unit must not fail the check."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ignored)
     pid = os.fork()
     if pid == 0:
         try:
             for signum in range(1, signal.NSIG):
                 try:
-                    signal.signal(signum, signal.SIG_DFL)
+                    signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
                 except (OSError, ValueError):
                     continue   # SIGKILL, SIGSTOP and the like cannot be changed
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # what came meanwhile is dropped
             os.set_inheritable(state_fd, True)
             env = dict(os.environ, **{STATE_FD_ENV: str(state_fd), CHECK_ENV: "1"})
             os.execve(sys.executable, image_command(argv), env)
         finally:
             os._exit(127)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return pid
 
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 from datetime import datetime
+from pathlib import Path
 
 import gevent
 import pytest
@@ -248,3 +249,49 @@ def test_upgrade_hands_over_workers_counters_and_history(start_gateway):
     assert any(e["pid"] == victim and e["classification"] == "killed" for e in after["exits"])
     drained = [e for e in after["exits"] if e["classification"] == "drained" and e["slot"]]
     assert len(drained) == 2 and all(e["uptime"] > 2.5 for e in drained), drained
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, ...) as /proc shows them now."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue   # it just exited
+        found += map(int, children)
+        queue += map(int, children)
+    return found
+
+
+@pytest.mark.parametrize("signum, kind", [(signal.SIGHUP, "reload"),
+                                          (signal.SIGUSR2, "upgrade")])
+def test_a_deploy_signal_sent_to_every_process_moves_only_the_master(start_gateway, signum,
+                                                                      kind):
+    """`systemctl kill -s USR2 esl-gateway` (the shipped unit's upgrade command) signals every
+    process of the unit, and systemd repeats its pass until it finds no new pid, so processes
+    the master forks in answer (the upgrade's check, a fork server, workers) get the signal
+    too. They must ignore the master's signals: a check process killed by it failed the upgrade
+    under real systemd. Here every process is signalled, and each new one as soon as it
+    appears, until the deploy completes, with calls arriving: the deploy completes, no child
+    dies of it, no call fails."""
+    gateway = start_gateway(workers=2)
+    load = gevent.spawn(run_load, gateway.address, 150, 50, None, CallOptions(playback_ms=200),
+                        33)
+    gevent.sleep(1)
+    signalled = set()
+
+    def signal_every_new_process():
+        for pid in [gateway.pid, *descendants(gateway.pid)]:
+            if pid not in signalled:
+                signalled.add(pid)
+                os.kill(pid, signum)
+        return f"{kind} complete" in gateway.log() or f"{kind} abandoned" in gateway.log()
+    wait_until(signal_every_new_process, 30, f"{kind} over", poll=0.002)
+    result = load.get(timeout=60)
+    assert f"{kind} complete" in gateway.log(), gateway.log()[-4000:]
+    assert len(signalled) > 4   # master, fork server, workers, and new ones
+    assert result.counts()["completed"] == 150, (result.counts(), result.failures()[:3])
+    assert not re.search(r"ended \(|signal \d+ \(SIG(HUP|USR2)\)", gateway.log()), \
+        gateway.log()[-4000:]

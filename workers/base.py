@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -44,6 +45,18 @@ class WorkerSpec:
 
 def set_title(text: str) -> None:
     setproctitle(f"esl-gateway: {text}")
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
+
+
+def describe_wait_status(status: int) -> str:
+    """How a child ended, from its wait status, in words for a log line."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        return f"was killed by signal {signum} ({signal_name(signum)})"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
 def exit_status(exc: SystemExit) -> int:

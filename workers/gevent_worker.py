@@ -158,9 +158,8 @@ class GeventWorker:
                  self.spec.generation)
 
     def _install_signals(self) -> None:
-        # The master's own signals mean nothing here; a stray one must not kill calls.
-        for name in ("SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTTIN", "SIGTTOU", "SIGWINCH"):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        # The master's own signals (HUP, USR2, ...) are ignored here since fork(): a stray one,
+        # sent to the whole unit, must not kill calls (Master.IGNORED_BY_CHILDREN).
         gevent.signal_handler(signal.SIGTERM, self.stop, "drained", "asked to stop (SIGTERM)",
                               True)
         gevent.signal_handler(signal.SIGQUIT, self.stop, "stopped", "asked to quit (SIGQUIT)",
