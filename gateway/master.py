@@ -17,6 +17,7 @@ call is accepted, so FreeSWITCH fails over to the next host; an undrain listens 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import ipaddress
 import itertools
 import json
@@ -199,6 +200,9 @@ class Master:
     # -- start and run ----------------------------------------------------------------------
 
     def run(self, state: dict | None = None) -> int:
+        # systemd's watchdog (WatchdogSec=) sends SIGABRT to a master that stops pinging: its
+        # stack then reaches stderr (journald), showing where it was stuck.
+        faulthandler.enable()
         # Workers forked by a fork server are its grandchildren: they become ours once their
         # parent (the fork server's helper) exits, so we reap them and see how they ended.
         libc = ctypes.CDLL(None, use_errno=True)

@@ -54,9 +54,9 @@ def with_settings(ini: str, **settings: str) -> str:
     return ini
 
 
-def stage_esl_gateway(stage: Path, port: int, socket_unit: bool) -> None:
+def stage_esl_gateway(stage: Path, port: int, socket_unit: bool, service: str) -> None:
     """The shipped units verbatim (the .socket only when ``socket_unit``: it is optional), plus
-    the drop-ins and config this checkout needs."""
+    the drop-ins and config this checkout needs, and the test's own ``[Service]`` lines."""
     units = stage / "units"
     stage_base_units(units)
     shutil.copy(DEPLOY / SERVICE, units / SERVICE)
@@ -64,7 +64,7 @@ def stage_esl_gateway(stage: Path, port: int, socket_unit: bool) -> None:
     (units / f"{SERVICE}.d" / "checkout.conf").write_text(
         "[Service]\nExecStart=\n"
         f"ExecStart={' '.join(gateway_command())} run -c {STAGE_IN_NAMESPACE}/esl-gateway.ini\n"
-        f"WorkingDirectory={ROOT}\nUser=root\n")
+        f"WorkingDirectory={ROOT}\nUser=root\n{service}")
     if socket_unit:
         shutil.copy(DEPLOY / SOCKET, units / SOCKET)
         (units / f"{SOCKET}.d").mkdir()
@@ -77,16 +77,17 @@ def stage_esl_gateway(stage: Path, port: int, socket_unit: bool) -> None:
 
 @pytest.fixture
 def boot_systemd(tmp_path):
-    """``boot(socket_unit)``: a real systemd with esl-gateway staged, on a free port; skips when
-    systemd cannot run here. It is killed afterwards, whatever happened."""
+    """``boot(socket_unit, service="")``: a real systemd with esl-gateway staged, on a free port,
+    ``service`` added to its [Service] section; skips when systemd cannot run here. It is killed
+    afterwards, whatever happened."""
     reason = why_systemd_cannot_run()
     if reason:
         pytest.skip(f"real systemd cannot run here: {reason}")
     booted = []
 
-    def boot(socket_unit: bool) -> RealSystemd:
+    def boot(socket_unit: bool, service: str = "") -> RealSystemd:
         port = free_port()
-        stage_esl_gateway(tmp_path, port, socket_unit)
+        stage_esl_gateway(tmp_path, port, socket_unit, service)
         try:
             manager = RealSystemd(tmp_path, keep=[ROOT, sys.prefix, sys.base_prefix])
             booted.append(manager)
@@ -269,3 +270,32 @@ def test_fd_store_without_the_socket_unit(boot_systemd):
     systemd.systemctl("stop", SERVICE)
     assert systemd.show(SERVICE, "NFileDescriptorStore") == {"NFileDescriptorStore": "0"}
     assert_refused(systemd.address)
+
+
+def test_watchdog_replaces_a_master_that_stops_answering(boot_systemd):
+    """WatchdogSec= (30 s shipped, 2 s here): the master pings from its loop; one that stops (a
+    SIGSTOP, as a master stuck in a call that never returns) is sent SIGABRT, writes its stack to
+    the journal (faulthandler) and is restarted. Calls arriving meanwhile are served by the
+    workers, which never needed the master to accept, and then by the new master's: none is
+    refused, cut or left waiting."""
+    systemd = boot_systemd(socket_unit=False, service="WatchdogSec=2\n")
+    systemd.systemctl("start", SERVICE)
+    first = service_ready(systemd, 1)
+    assert first and systemd.show(SERVICE, "TimeoutAbortUSec") == {"TimeoutAbortUSec": "10s"}
+    pings = set()
+
+    def pinged_three_times():
+        pings.add(systemd.show(SERVICE, "WatchdogTimestampMonotonic")[
+            "WatchdogTimestampMonotonic"])
+        return len(pings) >= 3
+    wait_until(pinged_three_times, 10, "three watchdog pings")
+
+    def stop_answering():
+        # systemd follows its SIGABRT with a SIGCONT, so even a stopped master takes it.
+        systemd.systemctl("kill", "-s", "STOP", "--kill-whom=main", SERVICE)
+        wait_until(lambda: (state := service_ready(systemd, 1)) and
+                   state["MainPID"] != first["MainPID"], READY_WAIT, "a new master ready")
+    result, _, _ = calls_around(systemd, stop_answering)
+    assert_all_completed(result)
+    assert service_ready(systemd, 1)["NRestarts"] == "1"
+    wait_for_journal(systemd, r"Fatal Python error: Aborted(.|\n)*gateway/master\.py")
