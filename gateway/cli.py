@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from gateway import __version__, config, drain, loadtest, probe, upgrade
 from gateway.app import check_app
@@ -16,6 +17,10 @@ from workers.base import EXIT_BOOT_ERROR
 
 LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 DEFAULT_WORKER = "workers.gevent_worker:GeventWorker"
+STATS_SETTINGS = ("stats", "stats_token", "stats_token_file")   # how to reach the master's stats
+DEPLOYS = ("reload", "upgrade")   # the signal commands that can --wait
+DEPLOY_POLL = 0.1   # seconds between two looks at /stats while waiting for a deploy
+DEPLOY_SLACK = 30   # --wait gives up this long after the master's ready_timeout
 # The commands that signal the master: (signal, its name as `kill -s` takes it, what it does).
 SIGNAL_COMMANDS = {
     "reload": (signal.SIGHUP, "HUP", "start a new generation of workers with re-read config and "
@@ -48,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("stats", "print the master's statistics once"),
                        ("top", "a live view of workers, generations, call rates and the queue")):
         command = commands.add_parser(name, help=what, description=what)
-        command.add_argument("--stats", default=config.BY_NAME["stats"].default,
-                             metavar="HOST:PORT", help="the master's --stats address")
+        config.add_arguments(command, STATS_SETTINGS)
         if name == "stats":
             command.add_argument("--json", action="store_true", help="the raw JSON")
         else:
@@ -57,11 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("-n", "--count", type=int, metavar="N",
                                  help="stop after N screens (default: until Ctrl-C)")
     for name, (_, signal_name, what) in SIGNAL_COMMANDS.items():
-        what = f"{what} ({signal_name})"
+        what = (f"{what} ({signal_name}); the master is found by --pid, or by the pidfile of -p "
+                "or of the config file -c")
         command = commands.add_parser(name, help=what, description=what)
-        target = command.add_mutually_exclusive_group(required=True)
-        target.add_argument("-p", "--pidfile", metavar="FILE", help="the master's --pidfile")
-        target.add_argument("--pid", type=int, help="the master's PID")
+        command.add_argument("--pid", type=int, help="the master's PID")
+        config.add_arguments(command, ("pidfile", *STATS_SETTINGS))
+        if name in DEPLOYS:
+            command.add_argument(
+                "--wait", action="store_true",
+                help=f"return once the {name} is complete (exit 0) or abandoned (exit 1, with "
+                     "the reason), as the master's stats endpoint tells; for ExecReload=, so "
+                     f"that `systemctl reload` waits and fails with the {name}")
     return parser
 
 
@@ -108,29 +118,74 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         return 1
 
 
+def master_settings(args: argparse.Namespace) -> config.Config:
+    """The running master's settings as its config file, the environment and our flags say."""
+    return config.resolve(vars(args), need_app=False)
+
+
+def stats_fetcher(cfg: config.Config):
+    """A function returning the master's /stats, its bearer token read once."""
+    from gateway import report
+    from gateway.master import stats_token
+    token = stats_token(cfg)
+    return lambda: report.fetch(cfg.stats, token)
+
+
 def cmd_signal(args: argparse.Namespace) -> int:
     signum, name, _ = SIGNAL_COMMANDS[args.command]
     try:
-        pid = args.pid or int(open(args.pidfile).read().strip())
+        cfg = master_settings(args)
+        if args.pid is None and cfg.pidfile is None:
+            raise ValueError("give --pid, -p PIDFILE, or -c CONFIG with a pidfile")
+        pid = args.pid or int(open(cfg.pidfile).read().strip())
+        wait = getattr(args, "wait", False)
+        if wait:
+            if cfg.stats == "none":
+                raise ValueError("--wait reads the master's stats endpoint, and stats is none")
+            fetch = stats_fetcher(cfg)
+            before = fetch()["master"]   # before the signal: a deploy is told by what changed
         os.kill(pid, signum)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, config.ConfigError) as exc:
         print(f"esl-gateway: cannot signal the master: {exc}", file=sys.stderr)
         return 1
-    print(f"sent SIG{name} to master {pid}; its log tells how it went")
-    return 0
+    if not wait:
+        print(f"sent SIG{name} to master {pid}; its log tells how it went")
+        return 0
+    done, outcome = wait_for_deploy(args.command, fetch, before, cfg.ready_timeout + DEPLOY_SLACK)
+    print(f"master {pid}: {outcome}", file=sys.stdout if done else sys.stderr)
+    return 0 if done else 1
+
+
+def wait_for_deploy(kind: str, fetch, before: dict, timeout: float) -> tuple[bool, str]:
+    """(done, what happened) once the deploy the master was just signalled for is complete (a
+    newer generation serves, none is starting) or abandoned (its failure count rose)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(DEPLOY_POLL)
+        try:
+            master = fetch()["master"]
+        except OSError:
+            continue   # an upgrading master re-execs; its stats socket answers again shortly
+        if master[f"{kind}_failures"] > before[f"{kind}_failures"]:
+            return False, f"{kind} abandoned: {master['last_deploy_error']['reason']}"
+        if master["generation"] > before["generation"] and master["starting_generation"] is None:
+            return True, f"{kind} complete: generation {master['generation']} accepting"
+    return False, f"{kind} neither complete nor abandoned after {timeout:.0f}s (its log tells why)"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from gateway import report
     try:
+        cfg = master_settings(args)
+        fetch = stats_fetcher(cfg)
         if args.command == "top":
-            report.top(args.stats, args.interval, args.count, sys.stdout)
+            report.top(fetch, args.interval, args.count, sys.stdout)
             return 0
-        view = report.fetch(args.stats)
+        view = fetch()
     except KeyboardInterrupt:
         return 0
-    except OSError as exc:
-        print(f"esl-gateway: no stats at {args.stats}: {exc}", file=sys.stderr)
+    except (OSError, ValueError, config.ConfigError) as exc:
+        print(f"esl-gateway: no stats: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(view, indent=1) if args.json else report.render(view))
     return 0 if view["health"]["ok"] else 3

@@ -308,11 +308,12 @@ class Config:
         return dict(self.values)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every setting to an argparse parser; unset flags stay None so precedence works."""
+def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """Add every setting (or those ``names``) to an argparse parser; unset flags stay None so
+    precedence works."""
     parser.add_argument("-c", "--config", metavar="FILE",
                         help=f"INI file with a [{FILE_SECTION}] section (re-read on reload).")
-    for setting in SETTINGS:
+    for setting in SETTINGS if names is None else [BY_NAME[name] for name in names]:
         if not setting.flags:
             parser.add_argument(setting.name, nargs="?", metavar=setting.metavar,
                                 help=setting.help)
@@ -322,8 +323,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{setting.help} [env {setting.env}]")
 
 
-def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Config:
-    """Merge defaults, the config file, the environment and the command line, in that order."""
+def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None,
+            need_app: bool = True) -> Config:
+    """Merge defaults, the config file, the environment and the command line, in that order.
+    ``need_app``: false for the commands that talk to a running master (they need its pidfile
+    and stats address, not what it serves)."""
     environ = os.environ if environ is None else environ
     path = cli.get("config") or environ.get(ENV_PREFIX + "CONFIG")
     file_values = _read_file(path) if path else {}
@@ -346,6 +350,8 @@ def resolve(cli: dict[str, Any], environ: dict[str, str] | None = None) -> Confi
         values[setting.name], sources[setting.name] = value, source
     if file_values:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(file_values))}")
+    if not need_app:
+        return Config(values, sources, path)
     if values["app"] and values["proxy"]:
         raise ConfigError("an app or --proxy, not both")
     if not values["app"] and not values["proxy"]:

@@ -17,8 +17,11 @@ COLUMNS = (("SLOT", "slot"), ("PID", "pid"), ("GEN", "generation"), ("STATE", "s
            ("HB", "heartbeat_age_s"), ("BLOCK", "longest_block_ms"), ("RSS", "rss_bytes"))
 
 
-def fetch(address: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(f"http://{address}/stats", timeout=timeout) as response:
+def fetch(address: str, token: str | None = None, timeout: float = 5.0) -> dict:
+    request = urllib.request.Request(f"http://{address}/stats")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
 
 
@@ -120,12 +123,13 @@ def render(view: dict, rate: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def top(address: str, interval: float, count: int | None, out) -> None:
-    """Refresh the screen every ``interval`` seconds with call rates (like uwsgitop)."""
+def top(fetch_view, interval: float, count: int | None, out) -> None:
+    """Refresh the screen every ``interval`` seconds with call rates (like uwsgitop);
+    ``fetch_view()`` returns the master's /stats."""
     previous = None
     shown = 0
     while count is None or shown < count:
-        view = fetch(address)
+        view = fetch_view()
         rate = None
         if previous is not None:
             elapsed = view["master"]["uptime_s"] - previous["master"]["uptime_s"]

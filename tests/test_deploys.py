@@ -11,6 +11,7 @@ import random
 import re
 import signal
 import socket
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from gateway.simulator import CallOptions, SimulatedCall, run_load
 from tests.fake_systemd import FakeSystemd
-from tests.gateway_process import wait_until
+from tests.gateway_process import gateway_command, wait_until
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -295,3 +296,35 @@ def test_a_deploy_signal_sent_to_every_process_moves_only_the_master(start_gatew
     assert result.counts()["completed"] == 150, (result.counts(), result.failures()[:3])
     assert not re.search(r"ended \(|signal \d+ \(SIG(HUP|USR2)\)", gateway.log()), \
         gateway.log()[-4000:]
+
+
+@pytest.mark.parametrize("kind", ["reload", "upgrade"])
+def test_deploy_command_waits_for_the_outcome(start_gateway, tmp_path, kind):
+    """`esl-gateway reload|upgrade --wait` (the shipped unit's ExecReload=) returns once the new
+    generation accepts, with exit 0, or once the deploy is abandoned, with exit 1 and the
+    reason; it finds the master's pidfile, stats address and token in the config file."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    pidfile = tmp_path / "gw.pid"
+    gateway = start_gateway(app="crashloop:handle",
+                            args=["--pidfile", str(pidfile), "--stats-token-file", str(token)])
+    ini = tmp_path / "esl-gateway.ini"
+    ini.write_text(f"[esl-gateway]\npidfile = {pidfile}\nstats_token_file = {token}\n"
+                   "ready_timeout = 10\n")
+    stats = ["--stats", "%s:%d" % gateway.stats_address]
+
+    def command(*args):
+        return subprocess.run([*gateway_command(), *args], capture_output=True, text=True,
+                              timeout=60, cwd=gateway.workdir)
+    done = command(kind, "-c", str(ini), *stats, "--wait")
+    assert (done.returncode, done.stdout) == (
+        0, f"master {gateway.pid}: {kind} complete: generation 2 accepting\n"), done.stderr
+    assert f"{kind} complete" in gateway.log()   # it had happened when the command returned
+    (gateway.workdir / "crash-on-boot").touch()
+    failed = command(kind, "-c", str(ini), *stats, "--wait")
+    assert failed.returncode == 1 and f"master {gateway.pid}: {kind} abandoned: " in failed.stderr
+    assert f"{kind} abandoned" in gateway.log()
+    refused = command("stats", *stats)   # without the token
+    assert refused.returncode == 1 and "401" in refused.stderr
+    shown = command("stats", "-c", str(ini), *stats)
+    assert shown.returncode == 0 and "generation 2" in shown.stdout, shown.stderr

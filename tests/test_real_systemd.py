@@ -30,6 +30,8 @@ ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
 SERVICE = "esl-gateway.service"
 SOCKET = "esl-gateway.socket"
+INSTALLED_COMMAND = "/opt/esl-gateway/.venv/bin/esl-gateway"   # as the shipped unit has them
+INSTALLED_CONFIG = "/etc/esl-gateway/esl-gateway.ini"
 CALLS_PER_STEP, RATE = 200, 50          # 4 s of calls around each operation
 CALL = CallOptions(playback_ms=200)     # a 200 ms prompt: ~10 calls up at any moment
 # A new generation is ready in about a second here. With a 20-s wait the upgrade step failed once
@@ -61,10 +63,15 @@ def stage_esl_gateway(stage: Path, port: int, socket_unit: bool, service: str) -
     stage_base_units(units)
     shutil.copy(DEPLOY / SERVICE, units / SERVICE)
     (units / f"{SERVICE}.d").mkdir()
+    # The shipped commands, with this checkout's venv and the staged config.
+    commands = "".join(
+        f"{key}=\n" + line.replace(INSTALLED_COMMAND, " ".join(gateway_command())).replace(
+            INSTALLED_CONFIG, f"{STAGE_IN_NAMESPACE}/esl-gateway.ini") + "\n"
+        for key in ("ExecStart", "ExecReload")
+        for line in re.findall(rf"(?m)^{key}=.*$", (DEPLOY / SERVICE).read_text()))
+    assert commands.count(INSTALLED_COMMAND) == 0 and commands.count("-c /run/") == 2, commands
     (units / f"{SERVICE}.d" / "checkout.conf").write_text(
-        "[Service]\nExecStart=\n"
-        f"ExecStart={' '.join(gateway_command())} run -c {STAGE_IN_NAMESPACE}/esl-gateway.ini\n"
-        f"WorkingDirectory={ROOT}\nUser=root\n{service}")
+        f"[Service]\n{commands}WorkingDirectory={ROOT}\nUser=root\n{service}")
     if socket_unit:
         shutil.copy(DEPLOY / SOCKET, units / SOCKET)
         (units / f"{SOCKET}.d").mkdir()
@@ -72,7 +79,7 @@ def stage_esl_gateway(stage: Path, port: int, socket_unit: bool, service: str) -
             f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n")
     (stage / "esl-gateway.ini").write_text(with_settings(
         (DEPLOY / "esl-gateway.ini").read_text(), app="gateway.examples.ivr:handle",
-        bind=f"127.0.0.1:{port}", stats="none"))
+        bind=f"127.0.0.1:{port}", stats=f"127.0.0.1:{free_port()}"))
 
 
 @pytest.fixture
@@ -202,7 +209,9 @@ def drain_for_maintenance(systemd) -> None:
 def test_shipped_units_under_real_systemd(boot_systemd):
     """Socket activation, reload, in-place upgrade and a SIGKILLed master, each with calls
     arriving at 50/s, a drain for maintenance, then stop with 20 calls up: no call is refused
-    or times out; activation, reload, upgrade, the killed master and stop cut none."""
+    or times out; activation, reload, upgrade, the killed master and stop cut none.
+    `systemctl reload` returns once the reload is complete, and fails with a reload that is
+    abandoned."""
     systemd = boot_systemd(socket_unit=True)
     assert_refused(systemd.address)   # nothing listens before the socket unit starts
     systemd.systemctl("start", SOCKET)
@@ -213,10 +222,9 @@ def test_shipped_units_under_real_systemd(boot_systemd):
     first = wait_until(lambda: service_ready(systemd, 1), READY_WAIT, "generation 1 ready")
     wait_for_journal(systemd, r"using 1 listening socket\(s\) passed by systemd \(esl\)")
 
-    def reload():
+    def reload():   # returns once the reload is complete: ExecReload= waits for it
         systemd.systemctl("reload", SERVICE)
-        wait_until(lambda: service_ready(systemd, 2), READY_WAIT,
-                   "generation 2 ready after reload")
+        assert service_ready(systemd, 2)
     result, _, _ = calls_around(systemd, reload)
     assert_all_completed(result)
     wait_for_journal(systemd, "reload complete: generation 2 accepting")
@@ -231,6 +239,15 @@ def test_shipped_units_under_real_systemd(boot_systemd):
     wait_for_journal(systemd, f"master {first['MainPID']} upgraded in place")
     # USR2 went to every process of the unit: only the master acted on it.
     assert not re.search(r"signal \d+ \(SIGUSR2\)|abandoned", systemd.journal(SERVICE))
+    # A reload of an app that cannot load fails `systemctl reload`; generation 3 serves on.
+    systemd.run("sed", "-i", "s/^app = .*/app = no_such_module:handle/",
+                f"{STAGE_IN_NAMESPACE}/esl-gateway.ini")
+    failed = systemd.systemctl("reload", SERVICE, check=False)
+    assert failed.returncode != 0, failed
+    wait_for_journal(systemd, "reload abandoned: generation 4 cannot load the app")
+    assert service_ready(systemd, 3)
+    systemd.run("sed", "-i", "s/^app = .*/app = gateway.examples.ivr:handle/",
+                f"{STAGE_IN_NAMESPACE}/esl-gateway.ini")
 
     kill_master_with_calls_arriving(systemd, first["MainPID"])
     drain_for_maintenance(systemd)
