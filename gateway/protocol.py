@@ -137,6 +137,16 @@ def _decode_value(value, encoded: bool):
     return value
 
 
+def as_text(value):
+    """A header's value as one string, for the protocol's own fields (an event's name, a
+    Job-UUID, a reply's text): an ``ARRAY::a|:b`` value (or a JSON event's array) comes back as
+    FreeSWITCH would send it in a plain event, so hostile input cannot turn such a field into a
+    list. None (no such header) stays None."""
+    if value.__class__ is list:
+        return ARRAY_PREFIX + "|:".join(value)
+    return value
+
+
 # One header per line, split at the first ": " (the common case, matched in C).
 _HEADER_LINE = re.compile(r"^(.*?): (.*)$", re.MULTILINE)
 
@@ -314,7 +324,7 @@ class Frame(_LazyHeaders):
     def __init__(self, headers: Headers, body: bytes | None):
         self._set_headers(headers, None, False)
         self.body = body
-        self.content_type: str | None = headers.get("Content-Type")
+        self.content_type: str | None = as_text(headers.get("Content-Type"))
         self._reply_text = None
 
     @classmethod
@@ -340,7 +350,7 @@ class Frame(_LazyHeaders):
         frame._set_headers(None, block, encoded)
         frame.content_type = _line_value(block, b"Content-Type: ")
         if frame.content_type is None and b"ontent-" in block:   # another spelling
-            frame.content_type = frame.headers.get("Content-Type")
+            frame.content_type = as_text(frame.headers.get("Content-Type"))
         return frame
 
     @property
@@ -351,7 +361,7 @@ class Frame(_LazyHeaders):
     @property
     def reply_text(self) -> str:
         text = self._reply_text
-        return (self._lookup("Reply-Text", "") or "") if text is None else text
+        return (as_text(self._lookup("Reply-Text", "")) or "") if text is None else text
 
     def body_text(self) -> str:
         return (self.body or b"").decode("utf-8", "replace")
@@ -549,7 +559,7 @@ def _block_content_length(block: bytes, limit: int) -> int | None:
     """The Content-Length of a block that is not one of the common ones, validated."""
     value = _search_value(block, "Content-Length")
     if value is _UNSURE:
-        value = Headers(_split_header_block(block)).get("Content-Length", _MISSING)
+        value = Headers(_split_header_block(block)).raw("Content-Length", _MISSING)
     return None if value is _MISSING else _valid_length(value, limit)
 
 
@@ -595,7 +605,7 @@ class Event(_LazyHeaders):
     def __init__(self, headers: Headers, body: bytes = b""):
         self._set_headers(headers, None, True)
         self.body = body
-        self.name: str | None = headers.get("Event-Name")
+        self.name: str | None = as_text(headers.get("Event-Name"))
 
     @classmethod
     def plain(cls, block: bytes, body: bytes) -> "Event":
@@ -607,16 +617,16 @@ class Event(_LazyHeaders):
             # FreeSWITCH always serialises Event-Name first, and names need no decoding.
             event.name = _line_value(block, b"Event-Name: ")
         else:
-            event.name = event.headers.get("Event-Name")
+            event.name = as_text(event.headers.get("Event-Name"))
         return event
 
     @property
     def subclass(self) -> str | None:
-        return self._lookup("Event-Subclass")
+        return as_text(self._lookup("Event-Subclass"))
 
     @property
     def unique_id(self) -> str | None:
-        return self._lookup("Unique-ID")
+        return as_text(self._lookup("Unique-ID"))
 
     def __getitem__(self, name: str):
         value = self._lookup(name, _MISSING)
@@ -674,6 +684,11 @@ def _parse_json_event(data: bytes) -> Event:
         raise ProtocolError("JSON event is not an object")
     body = obj.pop("_body", "")
     body = body.encode("utf-8") if isinstance(body, str) else b""
+    for name, value in obj.items():   # FreeSWITCH writes strings, and arrays of them
+        if not (value.__class__ is str or value.__class__ is list and
+                all(item.__class__ is str for item in value)):
+            raise ProtocolError(f"JSON event header {name[:40]!r} is neither a string nor an "
+                                "array of strings")
     return Event(Headers(obj.items(), encoded=False), body)
 
 

@@ -35,7 +35,7 @@ from gevent.socket import wait_write
 
 from gateway import protocol
 from gateway.logsafe import loggable
-from gateway.protocol import Event, Frame, ProtocolError
+from gateway.protocol import Event, Frame, ProtocolError, as_text
 
 log = logging.getLogger("esl_gateway.session")
 
@@ -374,12 +374,12 @@ class Session:
         self._connected_at = time.monotonic()
         self.channel = channel
         self.uuid = uuid
-        self.socket_mode = channel.get("Socket-Mode")
-        self.control = channel.get("Control")
+        self.socket_mode = as_text(channel.get("Socket-Mode"))
+        self.control = as_text(channel.get("Control"))
         if self.resumed and (channel.get("Answer-State") == "hangup" or
-                             channel.get("Channel-State") in DOWN_STATES):
+                             as_text(channel.get("Channel-State")) in DOWN_STATES):
             self.hungup = True   # it went down while no worker served it
-            self.hangup_cause = channel.get("Hangup-Cause")
+            self.hangup_cause = as_text(channel.get("Hangup-Cause"))
 
     @property
     def closed(self) -> bool:
@@ -840,7 +840,7 @@ class Session:
             _resolve(self._jobs, event.get("Job-UUID"), event)
         elif name in ("CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE") and \
                 event.unique_id == self.uuid:
-            self.hangup_cause = event.get("Hangup-Cause")
+            self.hangup_cause = as_text(event.get("Hangup-Cause"))
             self._on_hangup(f"the channel hung up ({self.hangup_cause})")
 
     def _on_hangup(self, reason: str) -> None:
@@ -928,6 +928,6 @@ def _wait_flag(flag: Flag, timeout: float | None) -> bool:
 
 def _resolve(waiters: dict, key: str | None, event: Event) -> None:
     """Hand ``event`` to the waiter registered under ``key`` (an Event-UUID or a Job-UUID)."""
-    waiter = waiters.pop(key, None)
+    waiter = waiters.pop(key if key.__class__ is str else as_text(key), None)
     if waiter is not None:
         waiter[0].set(event)

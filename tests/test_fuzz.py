@@ -98,6 +98,9 @@ def chunks(data: bytes, cuts: list[int]):
         start = cut
 
 
+JSON_EVENT = b'{"Event-Name": ["A", "B"], "Unique-ID": "ARRAY::u|:v", "Job-UUID": 5}'
+
+
 def exercise(item, check_block) -> None:
     """Use a parsed item as the session and a handler would: every accessor."""
     if isinstance(item, Command):
@@ -105,6 +108,8 @@ def exercise(item, check_block) -> None:
         return
     if isinstance(item, Frame):
         item.content_type, item.is_reply, item.reply_text, item.body_text(), repr(item)
+        assert all(field is None or field.__class__ is str   # never an ARRAY:: value's list
+                   for field in (item.content_type, item.reply_text))
         dict(item.headers.items()), item.headers.raw("Content-Type"), len(item.headers)
         if item.content_type in protocol.EVENT_CONTENT_TYPES or "Event-Name" in item.headers:
             item = protocol.parse_event(item, check_block)
@@ -112,6 +117,8 @@ def exercise(item, check_block) -> None:
             return
     assert isinstance(item, Event)
     item.name, item.subclass, item.unique_id, item.body_text(), repr(item)
+    assert all(field is None or field.__class__ is str
+               for field in (item.name, item.subclass, item.unique_id))
     item.get("Caller-Caller-ID-Name"), item.get("variable_sip_h_X"), "Job-UUID" in item
     dict(item.headers.items())
 
@@ -119,6 +126,15 @@ def exercise(item, check_block) -> None:
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams(), LIMITS, st.sampled_from([protocol.SessionParser, protocol.Parser,
                                            protocol.CommandParser]))
+# Found in review, after the session test below found the same kind of input: header values
+# "ARRAY::..." (split into lists on lookup) in fields the protocol reads itself, and JSON
+# events whose values are not strings.
+@example(stream=(b"Content-Length: 1\nContent-Length: ARRAY::5\nContent-Type: api/response\n\n"
+                 b"x", []), limits={}, parser_class=protocol.SessionParser)
+@example(stream=(b"content-type: ARRAY::command/reply\nReply-Text: ARRAY::+OK\n\n", []),
+         limits={}, parser_class=protocol.SessionParser)
+@example(stream=(b"Content-Length: %d\nContent-Type: text/event-json\n\n%s" % (
+    len(JSON_EVENT), JSON_EVENT), []), limits={}, parser_class=protocol.SessionParser)
 def test_parsers_raise_only_protocol_errors(stream, limits, parser_class):
     """Any bytes, any chunking, any limits: items come out usable, or ProtocolError is raised."""
     data, cuts = stream
@@ -141,6 +157,10 @@ def test_parsers_raise_only_protocol_errors(stream, limits, parser_class):
                  b"Reply-Text: %2BOK%0A\nSocket-Mode: async\nControl: full\n\n"
                  b"Content-Type: api/response\nContent-Length: 0\n\n", []),
          limits={}, instead_of_reply=True)
+# Found by this test (CI of 2026-12-07): a reply whose text was "ARRAY::" became a list, and
+# the session's reply_text.startswith() an internal error.
+@example(stream=(b": \nContent-Type: command/reply\nReply-Text: ARRAY::\n\n", []), limits={},
+         instead_of_reply=True)
 def test_a_session_fed_anything_ends_only_in_a_clean_close(stream, limits, instead_of_reply):
     """A session reading fuzzed bytes from its FreeSWITCH, in place of the connect reply or
     after it: no internal error, ever; start() succeeds or raises an ESLError; a call it

@@ -688,7 +688,8 @@ def test_oversized_frame_is_a_protocol_error_for_this_call(calls):
 # --------------------------------------------------------------------------------------------
 
 def test_bgapi_subscribes_once_and_resolves_by_job_uuid(call):
-    """Trap: never subscribing to BACKGROUND_JOB, resubscribing each time, or matching the wrong job."""
+    """Trap: never subscribing to BACKGROUND_JOB, resubscribing each time, or matching the wrong
+    job (an ARRAY:: Job-UUID holding ours included)."""
     session, fs = call
     starter = Background(session.bgapi, "status")
     assert fs.expect("event").line == "event plain BACKGROUND_JOB"
@@ -704,6 +705,8 @@ def test_bgapi_subscribes_once_and_resolves_by_job_uuid(call):
     assert second_uuid != job_uuid
 
     waiter = Background(job.get, 1)
+    # A hostile Job-UUID, an array that holds ours (a list on lookup): it matches no job.
+    fs.event("BACKGROUND_JOB", body=b"-ERR an array\n", Job_UUID=f"ARRAY::{job_uuid}|:x")
     fs.event("BACKGROUND_JOB", body=b"-ERR not this one\n", Job_UUID=OTHER_UUID,
              Job_Command="status")
     fs.event("BACKGROUND_JOB", body=b"UP 0 years, 0 days\n", Job_UUID=job_uuid,
