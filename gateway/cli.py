@@ -177,6 +177,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from gateway import report
     try:
         cfg = master_settings(args)
+    except config.ConfigError as exc:
+        print(f"esl-gateway: {exc}", file=sys.stderr)
+        return 2
+    try:
         fetch = stats_fetcher(cfg)
         if args.command == "top":
             report.top(fetch, args.interval, args.count, sys.stdout)
@@ -184,8 +188,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         view = fetch()
     except KeyboardInterrupt:
         return 0
-    except (OSError, ValueError, config.ConfigError) as exc:
-        print(f"esl-gateway: no stats: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"esl-gateway: no stats at {cfg.stats}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(view, indent=1) if args.json else report.render(view))
     return 0 if view["health"]["ok"] else 3
