@@ -523,7 +523,8 @@ class Master:
                                   "traceback": details}
         log.error("%s abandoned: %s; generation %d keeps serving%s", kind, reason,
                   self.generation, f"\n{details.rstrip()}" if details else "")
-        systemd.notify("READY=1", self._status_line())
+        if self.pending is None and not self.stopping:   # else READY=1 comes with the pending one
+            systemd.notify("READY=1", self._status_line())
 
     def _retire_generation(self, generation: int, signum: int) -> None:
         for record in self._all_workers():
@@ -564,8 +565,8 @@ class Master:
         if self.stopping or self.upgrade_check is not None:
             return
         if self.pending is not None:
-            log.warning("upgrade refused while generation %d is starting; send USR2 again "
-                        "once it is ready", self.pending.generation)
+            self._deploy_failed("upgrade", f"refused while generation {self.pending.generation} "
+                                "is starting; send USR2 again once it is ready")
             return
         self.upgrade_signalled_at = time.monotonic()
         state_fd = upgrade.write_state(self.export_state())
@@ -583,7 +584,8 @@ class Master:
                                 "master keeps running the old code")
             return
         if self.stopping or self.pending is not None:
-            log.warning("upgrade not carried out: the master is stopping or a reload started")
+            self._deploy_failed("upgrade", "not carried out: the master is stopping or a reload "
+                                "started during the check")
             return
         systemd.notify("RELOADING=1", systemd.monotonic_usec())
         # Fork servers hold the old code: the new image starts its own. Workers being forked

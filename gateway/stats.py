@@ -281,7 +281,7 @@ class _SnapshotCollector:
         for key, what in (("reloads", "completed reloads"), ("reload_failures",
                                                                "abandoned reloads"),
                           ("upgrades", "in-place master upgrades"),
-                          ("upgrade_failures", "upgrades rolled back")):
+                          ("upgrade_failures", "upgrades rolled back or refused")):
             yield CounterMetricFamily(f"esl_gateway_{key}", what, value=master[key])
         yield GaugeMetricFamily("esl_gateway_healthy", "1 while /healthz answers 200",
                                 value=int(view["health"]["ok"]))

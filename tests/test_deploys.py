@@ -328,3 +328,22 @@ def test_deploy_command_waits_for_the_outcome(start_gateway, tmp_path, kind):
     assert refused.returncode == 1 and "401" in refused.stderr
     shown = command("stats", "-c", str(ini), *stats)
     assert shown.returncode == 0 and "generation 2" in shown.stdout, shown.stderr
+
+
+def test_an_upgrade_refused_during_a_reload_is_said_at_once(start_gateway):
+    """USR2 while a reload's generation is still starting is refused, counted as a failed
+    upgrade with its reason, so `upgrade --wait` says so at once instead of waiting out
+    ready_timeout; the reload goes on."""
+    gateway = start_gateway(app="slowboot:handle", args=["--ready-timeout", "60"])
+    (gateway.workdir / "hang-on-boot").touch()
+    gateway.signal(signal.SIGHUP)
+    gateway.wait_for_log("reload: starting generation 2")
+    refused = subprocess.run(
+        [*gateway_command(), "upgrade", "--pid", str(gateway.pid),
+         "--stats", "%s:%d" % gateway.stats_address, "--wait"],
+        capture_output=True, text=True, timeout=20)   # --wait alone would give up after 90 s
+    assert refused.returncode == 1
+    assert ("upgrade abandoned: refused while generation 2 is starting; send USR2 again once it "
+            "is ready") in refused.stderr
+    master = gateway.stats()["master"]
+    assert (master["upgrade_failures"], master["starting_generation"]) == (1, 2)
