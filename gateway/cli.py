@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from gateway import __version__, config, drain, loadtest, probe, upgrade
 from gateway.app import check_app
@@ -137,7 +138,7 @@ def cmd_signal(args: argparse.Namespace) -> int:
         cfg = master_settings(args)
         if args.pid is None and cfg.pidfile is None:
             raise ValueError("give --pid, -p PIDFILE, or -c CONFIG with a pidfile")
-        pid = args.pid or int(open(cfg.pidfile).read().strip())
+        pid = args.pid or int(Path(cfg.pidfile).read_text().strip())
         wait = getattr(args, "wait", False)
         if wait:
             if cfg.stats == "none":

@@ -1204,7 +1204,7 @@ class Master:
                     return "oom_killed", ("was killed by SIGKILL while the kernel's OOM killer "
                                           "ran (oom_kill in /proc/vmstat rose): out of memory")
             if signum in EXTERNAL_SIGNALS:
-                return "killed", f"was killed by signal {signum} ({name})"
+                return "killed", describe_wait_status(status)
             return "crashed", f"crashed with signal {signum} ({name})"
         code = os.WEXITSTATUS(status)
         if record.farewell == "app_exit" or (record.app_exit_code == code and

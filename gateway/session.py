@@ -928,6 +928,6 @@ def _wait_flag(flag: Flag, timeout: float | None) -> bool:
 
 def _resolve(waiters: dict, key: str | None, event: Event) -> None:
     """Hand ``event`` to the waiter registered under ``key`` (an Event-UUID or a Job-UUID)."""
-    waiter = waiters.pop(key if key.__class__ is str else as_text(key), None)
+    waiter = waiters.pop(as_text(key), None)
     if waiter is not None:
         waiter[0].set(event)
